@@ -1,0 +1,286 @@
+"""The Global layer: a few steps of a learned advection-diffusion PDE."""
+
+import keras
+from keras import layers, ops
+
+from pde_keras import solver, validation
+from pde_keras.residual_block import BasicResidualBlock
+
+DIFFUSIVITIES = ("depthwise", "constant", "perona_malik", "residual", "zero")
+VELOCITIES = ("depthwise", "identity", "residual", "zero")
+INITS = ("identity", "residual")
+# Maps predicted by sub-layers, and which option decides each one's branch.
+_VELOCITY_MAPS = ("u", "v")
+_DIFFUSIVITY_MAPS = ("Dx", "Dy")
+
+
+@keras.saving.register_keras_serializable(package="pde_keras")
+class GlobalLayer(keras.layers.Layer):
+    """PDE-constrained feature layer of Kag & Saligrama (CVPR 2022).
+
+    The layer runs K steps of the discretised advection-diffusion equation
+    dH/dt = div(D grad H) - div(v H) + f on each channel of its input f
+    (NHWC; x is the height axis, y the width axis):
+
+        L H^{k+1} = M H^{k-1} - 2 (u_x + v_y) dt H^k + 2 dt f
+                    + (-A_x + 2 B_x) H^k_{x+1} + (A_x + 2 B_x) H^k_{x-1}
+                    + (-A_y + 2 B_y) H^k_{y+1} + (A_y + 2 B_y) H^k_{y-1}
+
+    with L = 1 + 2 B_x + 2 B_y, M = 1 - 2 B_x - 2 B_y, A_x = u dt / dx,
+    A_y = v dt / dy, B_x = D_x dt / dx^2, B_y = D_y dt / dy^2 and central
+    differences u_x, v_y (see `pde_keras.solve_advection_diffusion`).
+    H^{-1} = f, H^0 = init(f), and the output is ReLU(BN(H^K)).
+    The diffusivity (D_x, D_y) and velocity (u, v) are computed once from
+    H^0, before the K steps.
+
+    The authors' PyTorch code equals this equation with the velocity
+    negated, (u, v) -> (-u, -v); with ReLU-activated velocities the two
+    layers are therefore not interchangeable weight for weight.
+
+    Args:
+        steps: number of solver steps K (integer >= 1). Defaults to 5.
+        dt: time step. Defaults to 0.2.
+        dx: grid spacing along x (height). Defaults to 1.0.
+        dy: grid spacing along y (width). Defaults to 1.0.
+        boundary: ghost-cell rule for H, u and v: `"periodic"` (default,
+            the reference implementation), `"neumann"` (zero flux) or
+            `"dirichlet"` (zero).
+        diffusivity: how (D_x, D_y) is made from H^0:
+            `"depthwise"` (default): depth-wise 3x3 conv -> BN -> ReLU, one
+            each for D_x and D_y; `"constant"`: D_x = D_y =
+            `diffusivity_constant`; `"perona_malik"`: isotropic
+            D = 1 / (1 + |grad H^0|^2 / lambda^2) with |grad H^0| from the
+            (unnormalised) Sobel filters; `"residual"`: basic residual
+            block -> BN -> ReLU, one each; `"zero"`: pure advection.
+        velocity: how (u, v) is made from H^0: `"depthwise"` (default):
+            depth-wise 3x3 conv -> BN -> ReLU, one each; `"identity"`:
+            ReLU(BN(H^0)), a BN each; `"residual"`: basic residual block ->
+            BN -> ReLU, one each; `"zero"`: pure diffusion.
+        init: H^0 from the input: `"identity"` (default) or `"residual"`
+            (a basic residual block of the input).
+        diffusivity_constant: D for `diffusivity="constant"` (>= 0).
+            Defaults to 1.0.
+        perona_malik_lambda: lambda for `diffusivity="perona_malik"` (> 0).
+            Defaults to 2.0.
+        kernel_initializer: initializer of every convolution kernel.
+        kernel_regularizer: optional regularizer of every convolution kernel.
+        batchnorm_momentum: momentum of every batch normalisation (0.9,
+            PyTorch's 0.1 in Keras' convention).
+        batchnorm_epsilon: epsilon of every batch normalisation.
+        **kwargs: base `Layer` arguments (`name`, `dtype`, ...).
+
+    Under a mixed-precision policy the sub-layers run in the compute dtype
+    and the solver in float32: the K steps accumulate products of
+    coefficient maps, which float16 resolves too coarsely.
+
+    Input shape:
+        4D tensor `(batch, height, width, channels)`.
+
+    Output shape:
+        Same as the input.
+
+    Example:
+
+    >>> import numpy as np, keras, pde_keras
+    >>> inputs = keras.Input((32, 32, 16))
+    >>> outputs = pde_keras.GlobalLayer(steps=5, diffusivity="perona_malik")(inputs)
+    >>> model = keras.Model(inputs, outputs)
+    >>> model(np.zeros((2, 32, 32, 16), "float32")).shape
+    (2, 32, 32, 16)
+    >>> maps = model.layers[-1].coefficient_maps(np.ones((1, 32, 32, 16), "float32"))
+    >>> sorted(maps)[:4]
+    ['Dx', 'Dy', 'initial', 'output']
+
+    Reference:
+        A. Kag and V. Saligrama, "Condensing CNNs with Partial Differential
+        Equations", CVPR 2022, eq. 2.
+    """
+
+    def __init__(self, steps=5, dt=0.2, dx=1.0, dy=1.0, boundary="periodic",
+                 diffusivity="depthwise", velocity="depthwise", init="identity",
+                 diffusivity_constant=1.0, perona_malik_lambda=2.0,
+                 kernel_initializer="he_normal", kernel_regularizer=None,
+                 batchnorm_momentum=0.9, batchnorm_epsilon=1e-5, **kwargs):
+        super().__init__(**kwargs)
+        self.steps = validation.check_positive_int("steps", steps)
+        self.dt = validation.check_float("dt", dt, positive=True)
+        self.dx = validation.check_float("dx", dx, positive=True)
+        self.dy = validation.check_float("dy", dy, positive=True)
+        self.boundary = validation.check_choice("boundary", boundary, solver.BOUNDARIES)
+        self.diffusivity = validation.check_choice("diffusivity", diffusivity, DIFFUSIVITIES)
+        self.velocity = validation.check_choice("velocity", velocity, VELOCITIES)
+        self.init = validation.check_choice("init", init, INITS)
+        self.diffusivity_constant = validation.check_float(
+            "diffusivity_constant", diffusivity_constant, non_negative=True)
+        self.perona_malik_lambda = validation.check_float(
+            "perona_malik_lambda", perona_malik_lambda, positive=True)
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
+        self.batchnorm_momentum = validation.check_float(
+            "batchnorm_momentum", batchnorm_momentum, non_negative=True, below_one=True)
+        self.batchnorm_epsilon = validation.check_float(
+            "batchnorm_epsilon", batchnorm_epsilon, positive=True)
+
+    # -- construction -----------------------------------------------------
+
+    def _norm(self, name):
+        return layers.BatchNormalization(
+            momentum=self.batchnorm_momentum, epsilon=self.batchnorm_epsilon,
+            dtype=self.dtype_policy, name=name)
+
+    def _residual_block(self, name):
+        return BasicResidualBlock(
+            kernel_initializer=self.kernel_initializer,
+            kernel_regularizer=self.kernel_regularizer,
+            batchnorm_momentum=self.batchnorm_momentum,
+            batchnorm_epsilon=self.batchnorm_epsilon,
+            dtype=self.dtype_policy, name=name)
+
+    def _branch(self, kind, map_name):
+        """The sub-layers that predict one coefficient map, before its ReLU."""
+        if kind == "depthwise":
+            return [
+                layers.DepthwiseConv2D(
+                    3, padding="same", use_bias=False,
+                    depthwise_initializer=self.kernel_initializer,
+                    depthwise_regularizer=self.kernel_regularizer,
+                    dtype=self.dtype_policy, name=f"{map_name}_conv"),
+                self._norm(f"{map_name}_bn"),
+            ]
+        if kind == "residual":
+            return [self._residual_block(f"{map_name}_block"), self._norm(f"{map_name}_bn")]
+        if kind == "identity":
+            return [self._norm(f"{map_name}_bn")]
+        return []  # computed without weights
+
+    def build(self, input_shape):
+        if len(input_shape) != 4:
+            raise ValueError(
+                "GlobalLayer expects rank-4 inputs (batch, height, width, "
+                f"channels). Received: input_shape={tuple(input_shape)}")
+        if input_shape[-1] is None:
+            raise ValueError(
+                "GlobalLayer needs a known number of channels. "
+                f"Received: input_shape={tuple(input_shape)}")
+        self.init_block = (
+            self._residual_block("init_block") if self.init == "residual" else None)
+        self.branches = {}
+        for map_name in _VELOCITY_MAPS:
+            self.branches[map_name] = self._branch(self.velocity, map_name)
+        for map_name in _DIFFUSIVITY_MAPS:
+            self.branches[map_name] = self._branch(self.diffusivity, map_name)
+        self.output_bn = self._norm("output_bn")
+        sublayers = [self.output_bn] + [l for b in self.branches.values() for l in b]
+        if self.init_block is not None:
+            sublayers.append(self.init_block)
+        for layer in sublayers:
+            layer.build(input_shape)
+
+    # -- computation ------------------------------------------------------
+
+    def _sobel_magnitude_squared(self, h):
+        """|grad h|^2 from the 3x3 Sobel filters, with the layer's boundary."""
+        def smooth(field, axis):
+            following, preceding = solver.neighbours(field, axis, self.boundary)
+            return preceding + 2.0 * field + following
+
+        g_x = solver.central_difference(smooth(h, solver.Y_AXIS), solver.X_AXIS,
+                                        0.5, self.boundary)
+        g_y = solver.central_difference(smooth(h, solver.X_AXIS), solver.Y_AXIS,
+                                        0.5, self.boundary)
+        return g_x * g_x + g_y * g_y
+
+    def _coefficients(self, initial, training):
+        """Returns (maps, pre_activation): D_x, D_y, u, v from H^0.
+
+        Learned maps are float32 tensors; constant ones are python floats.
+        """
+        maps, pre_activation = {}, {}
+        for map_name, branch in self.branches.items():
+            if branch:
+                h = initial
+                for layer in branch:
+                    h = layer(h, training=training)
+                pre_activation[map_name] = ops.cast(h, "float32")
+                maps[map_name] = ops.relu(pre_activation[map_name])
+        initial32 = ops.cast(initial, "float32")
+        if self.velocity == "zero":
+            maps["u"] = maps["v"] = 0.0
+        if self.diffusivity == "zero":
+            maps["Dx"] = maps["Dy"] = 0.0
+        elif self.diffusivity == "constant":
+            maps["Dx"] = maps["Dy"] = self.diffusivity_constant
+        elif self.diffusivity == "perona_malik":
+            gradient2 = self._sobel_magnitude_squared(initial32)
+            maps["Dx"] = maps["Dy"] = 1.0 / (1.0 + gradient2 / self.perona_malik_lambda**2)
+        return maps, pre_activation
+
+    def _run(self, inputs, training):
+        initial = inputs if self.init_block is None else self.init_block(inputs, training=training)
+        maps, pre_activation = self._coefficients(initial, training)
+        solution = solver.solve_advection_diffusion(
+            ops.cast(inputs, "float32"), ops.cast(initial, "float32"),
+            (maps["Dx"], maps["Dy"]), (maps["u"], maps["v"]), self.steps,
+            dt=self.dt, dx=self.dx, dy=self.dy, boundary=self.boundary)
+        solution = ops.cast(solution, self.compute_dtype)
+        output = ops.relu(self.output_bn(solution, training=training))
+        return output, initial, solution, maps, pre_activation
+
+    def call(self, inputs, training=None):
+        return self._run(inputs, training)[0]
+
+    def coefficient_maps(self, inputs, training=False):
+        """Returns the layer's maps for `inputs`, for inspection and figures.
+
+        Args:
+            inputs: a batch shaped like the layer's input, e.g. one image's
+                features `(1, height, width, channels)`.
+            training: run the batch normalisations in training mode.
+
+        Returns:
+            A dict of tensors shaped like `inputs` (float32): `"Dx"`,
+            `"Dy"`, `"u"`, `"v"` (the coefficients the solver used),
+            `"ux"`, `"vy"` (their central differences), `"initial"` (H^0),
+            `"solution"` (H^K, before the output BN) and `"output"`; plus
+            `"<map>_pre"` (before the ReLU) for every map a sub-layer
+            predicts. Constant coefficients are filled in as full maps.
+        """
+        inputs = ops.convert_to_tensor(inputs, dtype=self.compute_dtype)
+        if not self.built:
+            self.build(tuple(inputs.shape))
+        output, initial, solution, maps, pre_activation = self._run(inputs, training)
+        like = ops.cast(solution, "float32")
+        full = {name: solver._full(value, like) for name, value in maps.items()}
+        result = {
+            "initial": ops.cast(initial, "float32"),
+            "solution": like,
+            "output": ops.cast(output, "float32"),
+            "ux": solver.central_difference(full["u"], solver.X_AXIS, self.dx, self.boundary),
+            "vy": solver.central_difference(full["v"], solver.Y_AXIS, self.dy, self.boundary),
+        }
+        result.update(full)
+        result.update({f"{name}_pre": value for name, value in pre_activation.items()})
+        return result
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({
+            "steps": self.steps,
+            "dt": self.dt,
+            "dx": self.dx,
+            "dy": self.dy,
+            "boundary": self.boundary,
+            "diffusivity": self.diffusivity,
+            "velocity": self.velocity,
+            "init": self.init,
+            "diffusivity_constant": self.diffusivity_constant,
+            "perona_malik_lambda": self.perona_malik_lambda,
+            "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
+            "kernel_regularizer": keras.regularizers.serialize(self.kernel_regularizer),
+            "batchnorm_momentum": self.batchnorm_momentum,
+            "batchnorm_epsilon": self.batchnorm_epsilon,
+        })
+        return config

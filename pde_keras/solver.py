@@ -1,0 +1,176 @@
+"""The discretised advection-diffusion solver of the Global layer.
+
+This module is the only home of the finite-difference stencil: the layer,
+the coefficient maps and the Perona-Malik Sobel filter all take their
+neighbours from :func:`neighbours`.
+"""
+
+from keras import ops
+
+from pde_keras import validation
+
+BOUNDARIES = ("periodic", "neumann", "dirichlet")
+
+# Feature maps are NHWC: x is the height axis, y the width axis.
+X_AXIS = 1
+Y_AXIS = 2
+
+
+def _along(axis, index, rank=4):
+    key = [slice(None)] * rank
+    key[axis] = index
+    return tuple(key)
+
+
+def neighbours(field, axis, boundary="periodic"):
+    """Returns the fields of the next and the previous cell along `axis`.
+
+    `next[i] = field[i + 1]` and `previous[i] = field[i - 1]`, with the ghost
+    cell beyond each edge given by `boundary`: `periodic` wraps around,
+    `neumann` repeats the edge value (zero flux), `dirichlet` is zero.
+
+    Args:
+        field: rank-4 NHWC tensor.
+        axis: 1 (x, height) or 2 (y, width).
+        boundary: one of `BOUNDARIES`.
+
+    Returns:
+        `(next, previous)`, each shaped like `field`.
+    """
+    boundary = validation.check_choice("boundary", boundary, BOUNDARIES)
+    first = field[_along(axis, slice(0, 1))]
+    last = field[_along(axis, slice(-1, None))]
+    if boundary == "periodic":
+        after_last, before_first = first, last
+    elif boundary == "neumann":
+        after_last, before_first = last, first
+    else:
+        after_last = before_first = ops.zeros_like(first)
+    following = ops.concatenate([field[_along(axis, slice(1, None))], after_last], axis=axis)
+    preceding = ops.concatenate([before_first, field[_along(axis, slice(None, -1))]], axis=axis)
+    return following, preceding
+
+
+def central_difference(field, axis, spacing=1.0, boundary="periodic"):
+    """`(field[i + 1] - field[i - 1]) / (2 * spacing)` along `axis`."""
+    following, preceding = neighbours(field, axis, boundary)
+    return (following - preceding) * (0.5 / spacing)
+
+
+def _check_pair(name, value):
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise validation.invalid(name, "a pair of tensors or scalars", type(value).__name__)
+    return value
+
+
+def _full(value, like):
+    """Broadcasts a scalar or broadcastable tensor to the shape of `like`.
+
+    Needed before differencing: a velocity given as a scalar or a per-channel
+    tensor still has ghost cells (zero under `dirichlet`) at the edges.
+    """
+    value = ops.cast(value, like.dtype)
+    if tuple(value.shape) == tuple(like.shape) and None not in tuple(like.shape):
+        return value
+    return ops.zeros_like(like) + value
+
+
+def stencil_coefficients(diffusivity, velocity, like, dt=0.2, dx=1.0, dy=1.0,
+                         boundary="periodic"):
+    """The per-cell coefficients of one step of eq. 2, divided through by L.
+
+    Returns a dict with `previous` (M / L), `centre` (-2 (u_x + v_y) dt / L),
+    `x_next` ((-A_x + 2 B_x) / L), `x_previous`, `y_next`, `y_previous`,
+    `source` (2 dt / L), and the velocity derivatives `ux`, `vy`.
+    """
+    d_x, d_y = diffusivity
+    u, v = _full(velocity[0], like), _full(velocity[1], like)
+    d_x, d_y = ops.cast(d_x, like.dtype), ops.cast(d_y, like.dtype)
+    ux = central_difference(u, X_AXIS, dx, boundary)
+    vy = central_difference(v, Y_AXIS, dy, boundary)
+    a_x, a_y = u * (dt / dx), v * (dt / dy)
+    two_b_x, two_b_y = d_x * (2.0 * dt / dx**2), d_y * (2.0 * dt / dy**2)
+    inv_l = 1.0 / (1.0 + two_b_x + two_b_y)
+    return {
+        "previous": (1.0 - two_b_x - two_b_y) * inv_l,
+        "centre": (ux + vy) * (-2.0 * dt) * inv_l,
+        "x_next": (two_b_x - a_x) * inv_l,
+        "x_previous": (two_b_x + a_x) * inv_l,
+        "y_next": (two_b_y - a_y) * inv_l,
+        "y_previous": (two_b_y + a_y) * inv_l,
+        "source": (2.0 * dt) * inv_l,
+        "ux": ux,
+        "vy": vy,
+    }
+
+
+def solve_advection_diffusion(source, initial, diffusivity, velocity, steps,
+                              dt=0.2, dx=1.0, dy=1.0, boundary="periodic"):
+    """Runs `steps` steps of the discretised advection-diffusion equation.
+
+    Solves eq. 2 of Kag & Saligrama (2022) on NHWC feature maps, every
+    channel independently (x is the height axis 1, y the width axis 2):
+
+        L H^{k+1} = M H^{k-1} - 2 (u_x + v_y) dt H^k + 2 dt f
+                    + (-A_x + 2 B_x) H^k_{x+1} + (A_x + 2 B_x) H^k_{x-1}
+                    + (-A_y + 2 B_y) H^k_{y+1} + (A_y + 2 B_y) H^k_{y-1}
+
+    with L = 1 + 2 B_x + 2 B_y, M = 1 - 2 B_x - 2 B_y, A_x = u dt / dx,
+    A_y = v dt / dy, B_x = D_x dt / dx^2, B_y = D_y dt / dy^2 and central
+    differences u_x, v_y. H^{-1} = f (the source), H^0 = `initial`.
+
+    Args:
+        source: rank-4 NHWC float tensor, the source f and H^{-1}.
+        initial: tensor shaped like `source`, H^0.
+        diffusivity: pair `(D_x, D_y)`, each a tensor or scalar
+            broadcastable to `source`.
+        velocity: pair `(u, v)`, each a tensor or scalar broadcastable to
+            `source`.
+        steps: number of steps K (integer >= 1).
+        dt: time step (positive).
+        dx: grid spacing along x (positive).
+        dy: grid spacing along y (positive).
+        boundary: ghost-cell rule for H, u and v: `"periodic"` (wrap
+            around, the reference implementation), `"neumann"` (repeat the
+            edge value) or `"dirichlet"` (zero).
+
+    Returns:
+        H^K, shaped like `source`, in `source`'s dtype.
+
+    Note:
+        The authors' PyTorch code equals this equation with the velocity
+        negated, (u, v) -> (-u, -v).
+    """
+    steps = validation.check_positive_int("steps", steps)
+    dt = validation.check_float("dt", dt, positive=True)
+    dx = validation.check_float("dx", dx, positive=True)
+    dy = validation.check_float("dy", dy, positive=True)
+    boundary = validation.check_choice("boundary", boundary, BOUNDARIES)
+    diffusivity = _check_pair("diffusivity", diffusivity)
+    velocity = _check_pair("velocity", velocity)
+    source = ops.convert_to_tensor(source)
+    if len(source.shape) != 4:
+        raise validation.invalid(
+            "source", "a rank-4 tensor (batch, height, width, channels)",
+            f"<tensor of shape {tuple(source.shape)}>")
+    if not str(source.dtype).startswith(("float", "bfloat")):
+        source = ops.cast(source, "float32")
+    initial = ops.cast(ops.convert_to_tensor(initial), source.dtype)
+    if tuple(initial.shape) != tuple(source.shape):
+        raise validation.invalid(
+            "initial", f"a tensor shaped like `source` {tuple(source.shape)}",
+            f"<tensor of shape {tuple(initial.shape)}>")
+
+    c = stencil_coefficients(diffusivity, velocity, source, dt, dx, dy, boundary)
+    driven = c["source"] * source
+    previous, current = source, initial
+    for _ in range(steps):
+        x_next, x_previous = neighbours(current, X_AXIS, boundary)
+        y_next, y_previous = neighbours(current, Y_AXIS, boundary)
+        following = (
+            c["previous"] * previous + driven + c["centre"] * current
+            + c["x_next"] * x_next + c["x_previous"] * x_previous
+            + c["y_next"] * y_next + c["y_previous"] * y_previous
+        )
+        previous, current = current, following
+    return current

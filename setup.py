@@ -1,0 +1,36 @@
+"""Installs pde-keras: PDE-constrained (Global) layers for Keras 3."""
+
+import pathlib
+
+from setuptools import find_packages, setup
+
+ROOT = pathlib.Path(__file__).parent
+VERSION = {}
+exec((ROOT / "pde_keras" / "version.py").read_text(), VERSION)
+
+setup(
+    name="pde-keras",
+    version=VERSION["__version__"],
+    description=(
+        "Keras 3 reproduction of 'Condensing CNNs with Partial Differential "
+        "Equations' (Kag & Saligrama, CVPR 2022): the PDE Global layer, "
+        "its models, runners and figures."
+    ),
+    long_description=(ROOT / "README.md").read_text(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["pde_keras*", "experiments*", "visualize*", "benchmarks*"]),
+    include_package_data=True,
+    install_requires=[
+        "tensorflow>=2.16",
+        "keras>=3.15",
+        "numpy>=1.26",
+        "absl-py>=2.0",
+        "matplotlib>=3.7",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "jax[cpu]>=0.4.30"],
+        "jax": ["jax[cpu]>=0.4.30"],
+    },
+)

@@ -1,0 +1,1 @@
+"""Command-line runners (absl flags) for training and reproduction."""

@@ -1,0 +1,1 @@
+"""Figure commands: coefficient maps, feature maps, confusion matrices, curves."""

@@ -1,0 +1,293 @@
+"""Tests of GlobalLayer: wiring against NumPy, invariances, saving, errors."""
+
+import itertools
+import re
+
+import keras
+import numpy as np
+import pytest
+from keras import ops
+
+import numpy_reference as ref
+import pde_keras
+from pde_keras.global_layer import DIFFUSIVITIES, INITS, VELOCITIES
+
+pytestmark = pytest.mark.multibackend
+
+EPS = 1e-5  # the layer's default batchnorm_epsilon
+
+
+def _inputs(shape=(2, 7, 9, 3), seed=0):
+    return np.random.default_rng(seed).normal(size=shape).astype("float32")
+
+
+def _np(x):
+    return ops.convert_to_numpy(x)
+
+
+def _randomise_batchnorms(layer, seed=1):
+    """Gives every BN non-trivial statistics so wiring mistakes show."""
+    rng = np.random.default_rng(seed)
+    for sub in layer._flatten_layers(include_self=False):
+        if isinstance(sub, keras.layers.BatchNormalization):
+            c = sub.gamma.shape[0]
+            sub.gamma.assign(rng.uniform(0.5, 1.5, c).astype("float32"))
+            sub.beta.assign(rng.uniform(-0.2, 0.2, c).astype("float32"))
+            sub.moving_mean.assign(rng.uniform(-0.2, 0.2, c).astype("float32"))
+            sub.moving_variance.assign(rng.uniform(0.5, 1.5, c).astype("float32"))
+
+
+def _bn(x, bn):
+    return ref.batchnorm_inference(
+        x, _np(bn.gamma), _np(bn.beta), _np(bn.moving_mean), _np(bn.moving_variance),
+        bn.epsilon)
+
+
+# -- numerics against the NumPy reference -----------------------------------
+
+
+@pytest.mark.parametrize("boundary", ["periodic", "neumann", "dirichlet"])
+@pytest.mark.parametrize("steps", [1, 5])
+def test_default_layer_matches_numpy(boundary, steps):
+    """Depth-wise D and v, identity init: every piece recomputed in NumPy."""
+    x = _inputs()
+    layer = pde_keras.GlobalLayer(steps=steps, boundary=boundary)
+    layer.build(x.shape)
+    _randomise_batchnorms(layer)
+    coefficients = {}
+    for name in ("u", "v", "Dx", "Dy"):
+        conv, bn = layer.branches[name]
+        pre = _bn(ref.depthwise_conv_same(x, _np(conv.kernel)), bn)
+        coefficients[name] = np.maximum(pre, 0.0)
+    h = ref.solve(x, x, (coefficients["Dx"], coefficients["Dy"]),
+                  (coefficients["u"], coefficients["v"]), steps, boundary=boundary)
+    expected = np.maximum(_bn(h, layer.output_bn), 0.0)
+    actual = _np(layer(x, training=False))
+    np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("boundary", ["periodic", "neumann", "dirichlet"])
+def test_perona_malik_identity_velocity_matches_numpy(boundary):
+    x = _inputs()
+    layer = pde_keras.GlobalLayer(steps=3, boundary=boundary, velocity="identity",
+                                  diffusivity="perona_malik", perona_malik_lambda=1.5)
+    layer.build(x.shape)
+    _randomise_batchnorms(layer)
+    u = np.maximum(_bn(x, layer.branches["u"][0]), 0.0)
+    v = np.maximum(_bn(x, layer.branches["v"][0]), 0.0)
+    gx, gy = ref.sobel(x, boundary)
+    d = 1.0 / (1.0 + (gx**2 + gy**2) / 1.5**2)
+    h = ref.solve(x, x, (d, d), (u, v), 3, boundary=boundary)
+    expected = np.maximum(_bn(h, layer.output_bn), 0.0)
+    np.testing.assert_allclose(_np(layer(x)), expected, rtol=1e-4, atol=1e-4)
+    maps = layer.coefficient_maps(x)
+    np.testing.assert_allclose(_np(maps["Dx"]), d, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(_np(maps["u"]), u, rtol=1e-5, atol=1e-6)
+
+
+def test_constant_diffusivity_zero_velocity_matches_numpy():
+    x = _inputs()
+    layer = pde_keras.GlobalLayer(steps=4, dt=0.1, dx=0.5, dy=2.0, velocity="zero",
+                                  diffusivity="constant", diffusivity_constant=0.7)
+    y = _np(layer(x))
+    h = ref.solve(x, x, (0.7, 0.7), (0.0, 0.0), 4, dt=0.1, dx=0.5, dy=2.0)
+    np.testing.assert_allclose(y, np.maximum(h / np.sqrt(1 + EPS), 0.0), rtol=1e-4, atol=1e-5)
+
+
+def test_residual_init_feeds_the_solver_and_the_coefficients():
+    """H^0 = block(f) is the initial state and the coefficients' input; f stays the source."""
+    x = _inputs()
+    layer = pde_keras.GlobalLayer(steps=2, init="residual", velocity="identity",
+                                  diffusivity="constant")
+    layer.build(x.shape)
+    _randomise_batchnorms(layer)
+    block = layer.init_block
+    h = np.maximum(_bn(ref.conv_same(x, _np(block.conv1.kernel)), block.bn1), 0.0)
+    h0 = np.maximum(_bn(ref.conv_same(h, _np(block.conv2.kernel)), block.bn2) + x, 0.0)
+    u = np.maximum(_bn(h0, layer.branches["u"][0]), 0.0)
+    v = np.maximum(_bn(h0, layer.branches["v"][0]), 0.0)
+    solution = ref.solve(x, h0, (1.0, 1.0), (u, v), 2)
+    maps = layer.coefficient_maps(x)
+    np.testing.assert_allclose(_np(maps["initial"]), h0, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(_np(maps["solution"]), solution, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("boundary", ["periodic", "dirichlet"])
+def test_coefficient_maps_are_what_the_solver_uses(boundary):
+    x = _inputs()
+    layer = pde_keras.GlobalLayer(steps=5, boundary=boundary)
+    maps = {k: _np(v) for k, v in layer.coefficient_maps(x).items()}
+    assert set(maps) == {"initial", "solution", "output", "Dx", "Dy", "u", "v", "ux", "vy",
+                         "Dx_pre", "Dy_pre", "u_pre", "v_pre"}
+    for name, value in maps.items():
+        assert value.shape == x.shape, name
+    np.testing.assert_allclose(maps["u"], np.maximum(maps["u_pre"], 0))
+    ux = (ref.shift(maps["u"], 1, +1, boundary) - ref.shift(maps["u"], 1, -1, boundary)) / 2
+    vy = (ref.shift(maps["v"], 2, +1, boundary) - ref.shift(maps["v"], 2, -1, boundary)) / 2
+    np.testing.assert_allclose(maps["ux"], ux, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(maps["vy"], vy, rtol=1e-5, atol=1e-6)
+    solution = ref.solve(x, x, (maps["Dx"], maps["Dy"]), (maps["u"], maps["v"]), 5,
+                         boundary=boundary)
+    np.testing.assert_allclose(maps["solution"], solution, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(maps["output"], _np(layer(x)), rtol=1e-5, atol=1e-6)
+
+
+def test_constant_maps_are_filled_in():
+    x = _inputs()
+    maps = pde_keras.GlobalLayer(velocity="zero", diffusivity="constant",
+                                 diffusivity_constant=0.3).coefficient_maps(x)
+    np.testing.assert_array_equal(_np(maps["Dx"]), np.full(x.shape, 0.3, "float32"))
+    np.testing.assert_array_equal(_np(maps["u"]), np.zeros(x.shape))
+    np.testing.assert_array_equal(_np(maps["vy"]), np.zeros(x.shape))
+    assert not any(k.endswith("_pre") for k in maps)
+
+
+# -- invariances --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("options", [
+    {},
+    {"diffusivity": "perona_malik", "velocity": "identity"},
+    {"diffusivity": "constant", "boundary": "dirichlet"},
+])
+def test_channels_are_independent(options):
+    """Changing one input channel changes only that output channel (inference)."""
+    x = _inputs()
+    layer = pde_keras.GlobalLayer(**options)
+    y = _np(layer(x))
+    x2 = x.copy()
+    x2[..., 1] += np.random.default_rng(5).normal(size=x2[..., 1].shape).astype("float32")
+    y2 = _np(layer(x2))
+    np.testing.assert_array_equal(y2[..., [0, 2]], y[..., [0, 2]])
+    assert np.abs(y2[..., 1] - y[..., 1]).max() > 1e-3
+
+
+@pytest.mark.parametrize("options", [
+    {"diffusivity": "constant", "velocity": "identity"},
+    {"diffusivity": "perona_malik", "velocity": "identity"},
+    {"diffusivity": "zero", "velocity": "identity", "steps": 2},
+])
+def test_periodic_translation_equivariance(options):
+    """Without zero-padded convolutions the periodic layer commutes with rolls."""
+    x = _inputs()
+    layer = pde_keras.GlobalLayer(**options)
+    layer.build(x.shape)
+    _randomise_batchnorms(layer)
+    rolled = np.roll(x, (2, 3), axis=(1, 2))
+    np.testing.assert_allclose(_np(layer(rolled)), np.roll(_np(layer(x)), (2, 3), axis=(1, 2)),
+                               rtol=1e-5, atol=1e-5)
+
+
+# -- training, saving, precision ----------------------------------------------
+
+
+def test_fit_updates_every_weight():
+    x = _inputs((8, 8, 8, 4))
+    y = np.arange(8) % 2
+    inputs = keras.Input((8, 8, 4))
+    h = pde_keras.GlobalLayer(init="residual")(inputs)
+    outputs = keras.layers.Dense(2)(keras.layers.GlobalAveragePooling2D()(h))
+    model = keras.Model(inputs, outputs)
+    model.compile(keras.optimizers.SGD(0.1),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    before = [_np(w).copy() for w in model.trainable_weights]
+    history = model.fit(x, y, epochs=2, batch_size=8, verbose=0)
+    assert np.all(np.isfinite(history.history["loss"]))
+    for w, old in zip(model.trainable_weights, before):
+        assert not np.array_equal(_np(w), old), w.path
+
+
+OPTION_SETS = (
+    [{"diffusivity": d} for d in DIFFUSIVITIES]
+    + [{"velocity": v} for v in VELOCITIES if v != "depthwise"]
+    + [{"init": "residual"}, {"boundary": "neumann", "steps": 2, "dt": 0.1},
+       {"boundary": "dirichlet", "dx": 2.0, "dy": 0.5},
+       {"diffusivity": "constant", "diffusivity_constant": 0.5, "velocity": "zero"},
+       {"diffusivity": "perona_malik", "perona_malik_lambda": 3.0, "velocity": "identity"}]
+)
+
+
+@pytest.mark.parametrize("options", OPTION_SETS, ids=lambda o: "-".join(map(str, o.values())))
+def test_keras_file_round_trip(options, tmp_path):
+    x = _inputs((2, 8, 8, 4))
+    inputs = keras.Input((8, 8, 4))
+    model = keras.Model(inputs, pde_keras.GlobalLayer(name="global", **options)(inputs))
+    _randomise_batchnorms(model.get_layer("global"))
+    path = tmp_path / "model.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    np.testing.assert_array_equal(_np(loaded(x)), _np(model(x)))
+    config = model.get_layer("global").get_config()
+    assert loaded.get_layer("global").get_config() == config
+    for key, value in options.items():
+        assert config[key] == value
+
+
+def test_config_round_trip_all_combinations():
+    for d, v, i in itertools.product(DIFFUSIVITIES, VELOCITIES, INITS):
+        layer = pde_keras.GlobalLayer(diffusivity=d, velocity=v, init=i, steps=2)
+        clone = pde_keras.GlobalLayer.from_config(layer.get_config())
+        assert clone.get_config() == layer.get_config()
+
+
+@pytest.mark.parametrize("options", [{}, {"diffusivity": "perona_malik"}])
+def test_mixed_precision_matches_float32(options):
+    x = _inputs((2, 8, 8, 4))
+    reference = pde_keras.GlobalLayer(**options)
+    reference.build(x.shape)
+    _randomise_batchnorms(reference)
+    mixed = pde_keras.GlobalLayer(dtype="mixed_float16", **options)
+    mixed.build(x.shape)
+    mixed.set_weights(reference.get_weights())
+    y32, y16 = _np(reference(x)), _np(mixed(x))
+    assert y16.dtype == np.float16
+    assert np.all(np.isfinite(y16))
+    np.testing.assert_allclose(y16.astype("float32"), y32, rtol=2e-2, atol=2e-2)
+    assert keras.backend.standardize_dtype(mixed.coefficient_maps(x)["solution"].dtype) == "float32"
+
+
+def test_mixed_precision_training_step_is_finite():
+    keras.config.set_dtype_policy("mixed_float16")
+    inputs = keras.Input((8, 8, 4))
+    h = pde_keras.GlobalLayer()(inputs)
+    outputs = keras.layers.Dense(2, dtype="float32")(keras.layers.GlobalAveragePooling2D()(h))
+    model = keras.Model(inputs, outputs)
+    model.compile(keras.optimizers.SGD(0.1),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    history = model.fit(_inputs((8, 8, 8, 4)), np.arange(8) % 2, epochs=2, verbose=0)
+    assert np.all(np.isfinite(history.history["loss"]))
+
+
+# -- errors --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("argument, value, expected", [
+    ("steps", 0, "an integer >= 1"),
+    ("steps", 2.5, "an integer >= 1"),
+    ("steps", True, "an integer >= 1"),
+    ("dt", 0.0, "a positive finite number"),
+    ("dt", float("inf"), "a positive finite number"),
+    ("dx", -1.0, "a positive finite number"),
+    ("dy", "1", "a positive finite number"),
+    ("boundary", "wrap", "one of 'periodic', 'neumann', 'dirichlet'"),
+    ("diffusivity", "bogus",
+     "one of 'depthwise', 'constant', 'perona_malik', 'residual', 'zero'"),
+    ("velocity", "constant", "one of 'depthwise', 'identity', 'residual', 'zero'"),
+    ("init", None, "one of 'identity', 'residual'"),
+    ("diffusivity_constant", -0.1, "a finite number >= 0"),
+    ("perona_malik_lambda", 0, "a positive finite number"),
+    ("batchnorm_momentum", 1.0, "a finite number >= 0 below 1"),
+    ("batchnorm_epsilon", 0.0, "a positive finite number"),
+])
+def test_bad_arguments(argument, value, expected):
+    message = (f"Invalid value for argument `{argument}`: expected {expected}. "
+               f"Received: {argument}={value!r}")
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        pde_keras.GlobalLayer(**{argument: value})
+
+
+def test_rejects_inputs_that_are_not_rank_4():
+    message = ("GlobalLayer expects rank-4 inputs (batch, height, width, channels). "
+               "Received: input_shape=(None, 8, 4)")
+    with pytest.raises(ValueError, match=re.escape(message)):
+        pde_keras.GlobalLayer()(keras.Input((8, 4)))

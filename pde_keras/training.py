@@ -285,6 +285,8 @@ def train_and_evaluate(config, workdir, callbacks=()):
 
     epochs_done = max((epoch + 1 for epoch in history.epoch), default=initial_epoch)
     best_accuracy, best_epoch = _best_epoch(workdir / "log.csv")
+    if best_accuracy is None:  # No epoch logged (e.g. resumed after the last one).
+        best_accuracy, best_epoch = float(test_metrics["accuracy"]), epochs_done
     macs = pde_keras.count_macs(core)
     results = {
         "dataset": config.dataset,

@@ -1,0 +1,24 @@
+"""Trains a CIFAR-10/100 ResNet or ResNet-Global.
+
+Example:
+
+    python -m experiments.cifar --diffusivity=perona_malik --model_dir=/tmp/y
+
+CIFAR comes from tensorflow-datasets by default, or from `--data_dir`
+(python batches, or a train/<class>/*.jpg + test/<class>/*.jpg tree).
+Flags: `python -m experiments.cifar --helpfull`; library:
+`pde_keras.training.train_and_evaluate`.
+"""
+
+from experiments import flags as runner_flags
+
+runner_flags.define_flags("cifar")
+
+
+def main(argv):
+    del argv  # Checked by runner_flags.parse_flags.
+    runner_flags.train_from_flags("cifar")
+
+
+if __name__ == "__main__":
+    runner_flags.run(main)

@@ -1,0 +1,22 @@
+"""Trains an MNIST illustrative net (conv, residual or PDE feature layer).
+
+Example (offline: MNIST is bundled):
+
+    python -m experiments.mnist --backbone=pde --epochs=1 --model_dir=/tmp/x
+
+Flags: `python -m experiments.mnist --helpfull`; library:
+`pde_keras.training.train_and_evaluate`.
+"""
+
+from experiments import flags as runner_flags
+
+runner_flags.define_flags("mnist")
+
+
+def main(argv):
+    del argv  # Checked by runner_flags.parse_flags.
+    runner_flags.train_from_flags("mnist")
+
+
+if __name__ == "__main__":
+    runner_flags.run(main)

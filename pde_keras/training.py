@@ -259,16 +259,25 @@ def train_and_evaluate(config, workdir, callbacks=()):
                 momentum=config.momentum, nesterov=config.nesterov,
                 weight_decay=config.weight_decay if config.decoupled_weight_decay else None),
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-            metrics=[
+            # Weighted: the padding make_dataset adds has sample weight 0.
+            weighted_metrics=[
                 keras.metrics.SparseCategoricalAccuracy(name="accuracy"),
                 keras.metrics.SparseCategoricalCrossentropy(
                     from_logits=True, name="cross_entropy"),
             ],
             jit_compile=config.jit_compile,
         )
+        # DataParallel shards every batch evenly over the devices: training
+        # drops the last partial batch, evaluation pads it with weight-0 examples.
+        shards = replicas if config.distribution == "data_parallel" else 1
+        for name in ("batch_size", "eval_batch_size"):
+            if getattr(config, name) % shards:
+                raise validation.invalid(
+                    name, f"a multiple of the {shards} devices of "
+                    "distribution='data_parallel'", getattr(config, name))
         train_data = make_dataset(*train, config.batch_size, augmentation=augmentation,
-                                  seed=config.seed)
-        test_data = make_dataset(*test, config.eval_batch_size)
+                                  seed=config.seed, drop_remainder=shards > 1)
+        test_data = make_dataset(*test, config.eval_batch_size, pad_to=shards)
         backup = _BackupAndRestore(str(workdir / "backup"), double_checkpoint=True)
         history = model.fit(
             train_data, epochs=config.epochs, validation_data=test_data,
@@ -380,18 +389,28 @@ def channel_stats(images):
     return mean, np.sqrt(np.maximum(variance, 0.0))
 
 
-def make_dataset(images, labels, batch_size, *, augmentation="none", seed=None):
+def make_dataset(images, labels, batch_size, *, augmentation="none", seed=None,
+                 drop_remainder=False, pad_to=1):
     """A batched `tf.data.Dataset` of (float32 pixels 0-255, int64 labels).
 
     With `seed` (training) the examples are shuffled every epoch and
     augmented per image: `"crop"` pads 4 zero pixels and crops back at a
     random offset, `"crop_flip"` also flips left-right with probability 1/2.
     Without `seed` (evaluation), the order is kept and nothing is random.
+    With `pad_to` > 1, zero images are appended until the count is a
+    multiple of `pad_to`, and the elements carry a third entry, the sample
+    weight: 1 for the examples, 0 for the padding.
     """
     import tensorflow as tf
 
     validation.check_choice("augmentation", augmentation, AUGMENTATIONS[1:])
-    dataset = tf.data.Dataset.from_tensor_slices((images, labels))
+    tensors = (images, labels)
+    padding = -len(labels) % pad_to
+    if pad_to > 1:
+        weights = np.concatenate([np.ones(len(labels)), np.zeros(padding)]).astype("float32")
+        tensors = (np.concatenate([images, np.zeros((padding, *images.shape[1:]), images.dtype)]),
+                   np.concatenate([labels, np.zeros(padding, labels.dtype)]), weights)
+    dataset = tf.data.Dataset.from_tensor_slices(tensors)
     shape = images.shape[1:]
     if seed is not None:
         dataset = dataset.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
@@ -410,8 +429,9 @@ def make_dataset(images, labels, batch_size, *, augmentation="none", seed=None):
                 return image, label
 
             dataset = dataset.map(augment, num_parallel_calls=tf.data.AUTOTUNE)
-    dataset = dataset.batch(batch_size).map(
-        lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=tf.data.AUTOTUNE)
+    dataset = dataset.batch(batch_size, drop_remainder=drop_remainder).map(
+        lambda x, *rest: (tf.cast(x, tf.float32), *rest),
+        num_parallel_calls=tf.data.AUTOTUNE)
     return dataset.prefetch(tf.data.AUTOTUNE)
 
 

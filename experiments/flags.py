@@ -144,6 +144,9 @@ def define_flags(runner):
         "model_dir", None, "Output directory: results.json, log.csv, tensorboard/, "
         "best.keras, last.keras, backup/. Re-running with the same directory resumes.",
         required=True)
+    flags.register_validator(
+        "model_dir", lambda value: value is None or bool(value.strip()),
+        "--model_dir must not be empty")
     flags.DEFINE_integer("seed", 0, "Random seed.", lower_bound=0)
     flags.DEFINE_bool(
         "deterministic", False, "Deterministic TensorFlow ops (slower; TF backend).")
@@ -175,7 +178,8 @@ def config_from_flags(runner):
     return training.Config(
         model=model, model_options=options, step_milestones=milestones,
         jit_compile=_JIT_COMPILE[FLAGS.jit_compile],
-        **{name: FLAGS[name].value for name in CONFIG_FLAGS},
+        **{name: FLAGS[name].value for name in CONFIG_FLAGS
+           if name != "data_dir"}, data_dir=FLAGS.data_dir or None,
     )
 
 

@@ -58,6 +58,7 @@ import math
 import numbers
 import os
 import pathlib
+import sys
 import tempfile
 import time
 
@@ -121,7 +122,8 @@ class Config:
             TF backend) or `"data_parallel"` (`keras.distribution.
             DataParallel` over `keras.distribution.list_devices()`; JAX
             backend).
-        verbose: `Model.fit` verbosity (`"auto"`, 0, 1 progress bar, 2).
+        verbose: `Model.fit` verbosity: 0 silent, 1 progress bar, 2 one line
+            per epoch, `"auto"` 1 on a terminal and 2 otherwise.
     """
 
     dataset: str = "mnist"
@@ -282,7 +284,8 @@ def train_and_evaluate(config, workdir, callbacks=()):
         history = model.fit(
             train_data, epochs=config.epochs, validation_data=test_data,
             callbacks=_callbacks(workdir, initial_epoch) + list(callbacks) + [backup],
-            verbose=config.verbose, shuffle=False,  # make_dataset shuffles
+            verbose=_fit_verbosity(config.verbose),
+            shuffle=False,  # make_dataset shuffles
         )
         if backup.diverged is not None:
             raise TrainingDivergedError(
@@ -290,7 +293,11 @@ def train_and_evaluate(config, workdir, callbacks=()):
                 f"{backup.diverged[0] + 1}; the backup of the last good epoch is kept in "
                 f"{str(workdir / 'backup')!r} (re-running resumes from it; lower "
                 "learning_rate first).")
-        test_metrics = model.evaluate(test_data, return_dict=True, verbose=0)
+        if history.epoch:  # The last epoch's validation evaluated the final model.
+            test_metrics = {name: history.history[f"val_{name}"][-1]
+                            for name in ("accuracy", "cross_entropy")}
+        else:  # Resumed after the last epoch: nothing trained, evaluate.
+            test_metrics = model.evaluate(test_data, return_dict=True, verbose=0)
 
     epochs_done = max((epoch + 1 for epoch in history.epoch), default=initial_epoch)
     best_accuracy, best_epoch = _best_epoch(workdir / "log.csv")
@@ -569,6 +576,13 @@ def write_json(path, payload):
         f.write("\n")
     os.chmod(f.name, 0o644)
     os.replace(f.name, path)
+
+
+def _fit_verbosity(verbose):
+    """`"auto"`: a progress bar on a terminal, one line per epoch otherwise."""
+    if verbose == "auto":
+        return 1 if sys.stdout.isatty() else 2
+    return verbose
 
 
 def _check_non_negative_int(name, value):

@@ -269,14 +269,15 @@ def train_and_evaluate(config, workdir, callbacks=()):
             ],
             jit_compile=config.jit_compile,
         )
-        # DataParallel shards every batch evenly over the devices: training
+        # Distributed batches must split evenly over the devices (JAX sharding;
+        # Keras' MirroredStrategy evaluation fails on uneven splits): training
         # drops the last partial batch, evaluation pads it with weight-0 examples.
-        shards = replicas if config.distribution == "data_parallel" else 1
+        shards = replicas
         for name in ("batch_size", "eval_batch_size"):
             if getattr(config, name) % shards:
                 raise validation.invalid(
                     name, f"a multiple of the {shards} devices of "
-                    "distribution='data_parallel'", getattr(config, name))
+                    f"distribution={config.distribution!r}", getattr(config, name))
         train_data = make_dataset(*train, config.batch_size, augmentation=augmentation,
                                   seed=config.seed, drop_remainder=shards > 1)
         test_data = make_dataset(*test, config.eval_batch_size, pad_to=shards)

@@ -137,21 +137,17 @@ class GlobalLayer(keras.layers.Layer):
             dtype=self.dtype_policy, name=name)
 
     def _branch(self, kind, map_name):
-        """The sub-layers that predict one coefficient map, before its ReLU."""
-        if kind == "depthwise":
-            return [
-                layers.DepthwiseConv2D(
-                    3, padding="same", use_bias=False,
-                    depthwise_initializer=self.kernel_initializer,
-                    depthwise_regularizer=self.kernel_regularizer,
-                    dtype=self.dtype_policy, name=f"{map_name}_conv"),
-                self._norm(f"{map_name}_bn"),
-            ]
+        """The sub-layers that predict one map alone, before its ReLU.
+
+        Depth-wise maps are not predicted alone: they share one depth-wise
+        conv (depth multiplier = their number) and one BN, the same weights
+        as separate convs and BNs in fewer, larger kernels.
+        """
         if kind == "residual":
             return [self._residual_block(f"{map_name}_block"), self._norm(f"{map_name}_bn")]
         if kind == "identity":
             return [self._norm(f"{map_name}_bn")]
-        return []  # computed without weights
+        return []
 
     def build(self, input_shape):
         if len(input_shape) != 4:
@@ -164,11 +160,21 @@ class GlobalLayer(keras.layers.Layer):
                 f"Received: input_shape={tuple(input_shape)}")
         self.init_block = (
             self._residual_block("init_block") if self.init == "residual" else None)
-        self.branches = {}
-        for map_name in _VELOCITY_MAPS:
-            self.branches[map_name] = self._branch(self.velocity, map_name)
-        for map_name in _DIFFUSIVITY_MAPS:
-            self.branches[map_name] = self._branch(self.diffusivity, map_name)
+        kinds = {name: self.velocity for name in _VELOCITY_MAPS}
+        kinds.update({name: self.diffusivity for name in _DIFFUSIVITY_MAPS})
+        self.depthwise_maps = tuple(n for n, kind in kinds.items() if kind == "depthwise")
+        sublayers = []
+        if self.depthwise_maps:
+            self.coefficient_conv = layers.DepthwiseConv2D(
+                3, padding="same", use_bias=False, depth_multiplier=len(self.depthwise_maps),
+                depthwise_initializer=self.kernel_initializer,
+                depthwise_regularizer=self.kernel_regularizer,
+                dtype=self.dtype_policy, name="coefficient_conv")
+            self.coefficient_conv.build(input_shape)
+            self.coefficient_bn = self._norm("coefficient_bn")
+            self.coefficient_bn.build(
+                tuple(input_shape[:-1]) + (input_shape[-1] * len(self.depthwise_maps),))
+        self.branches = {name: self._branch(kind, name) for name, kind in kinds.items()}
         self.output_bn = self._norm("output_bn")
         sublayers = [self.output_bn] + [l for b in self.branches.values() for l in b]
         if self.init_block is not None:
@@ -190,12 +196,30 @@ class GlobalLayer(keras.layers.Layer):
                                         0.5, self.boundary)
         return g_x * g_x + g_y * g_y
 
-    def _coefficients(self, initial, training):
+    def _depthwise_coefficients(self, initial, training, with_pre_activation):
+        """The depth-wise maps from the shared conv, split by map name."""
+        pre = ops.cast(self.coefficient_bn(self.coefficient_conv(initial), training=training),
+                       "float32")
+        # The conv's output channels run channel-major: c * n + map index.
+        split_shape = tuple(ops.shape(pre)[:-1]) + (-1, len(self.depthwise_maps))
+
+        def split(fused):
+            return dict(zip(self.depthwise_maps,
+                            ops.unstack(ops.reshape(fused, split_shape), axis=-1)))
+
+        maps = split(ops.relu(pre))
+        return maps, (split(pre) if with_pre_activation else {})
+
+    def _coefficients(self, initial, training, with_pre_activation=False):
         """Returns (maps, pre_activation): D_x, D_y, u, v from H^0.
 
         Learned maps are float32 tensors; constant ones are python floats.
+        `pre_activation` holds the learned maps before their ReLU, if asked.
         """
         maps, pre_activation = {}, {}
+        if self.depthwise_maps:
+            maps, pre_activation = self._depthwise_coefficients(
+                initial, training, with_pre_activation)
         for map_name, branch in self.branches.items():
             if branch:
                 h = initial
@@ -215,9 +239,9 @@ class GlobalLayer(keras.layers.Layer):
             maps["Dx"] = maps["Dy"] = 1.0 / (1.0 + gradient2 / self.perona_malik_lambda**2)
         return maps, pre_activation
 
-    def _run(self, inputs, training):
+    def _run(self, inputs, training, with_pre_activation=False):
         initial = inputs if self.init_block is None else self.init_block(inputs, training=training)
-        maps, pre_activation = self._coefficients(initial, training)
+        maps, pre_activation = self._coefficients(initial, training, with_pre_activation)
         solution = solver.solve_advection_diffusion(
             ops.cast(inputs, "float32"), ops.cast(initial, "float32"),
             (maps["Dx"], maps["Dy"]), (maps["u"], maps["v"]), self.steps,
@@ -248,7 +272,8 @@ class GlobalLayer(keras.layers.Layer):
         inputs = ops.convert_to_tensor(inputs, dtype=self.compute_dtype)
         if not self.built:
             self.build(tuple(inputs.shape))
-        output, initial, solution, maps, pre_activation = self._run(inputs, training)
+        output, initial, solution, maps, pre_activation = self._run(
+            inputs, training, with_pre_activation=True)
         like = ops.cast(solution, "float32")
         full = {name: solver._full(value, like) for name, value in maps.items()}
         result = {

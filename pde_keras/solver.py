@@ -39,11 +39,12 @@ def neighbours(field, axis, boundary="periodic"):
         `(next, previous)`, each shaped like `field`.
     """
     boundary = validation.check_choice("boundary", boundary, BOUNDARIES)
+    if boundary == "periodic":
+        # One kernel each way (TensorFlow's roll), not slice + concatenate.
+        return ops.roll(field, -1, axis=axis), ops.roll(field, 1, axis=axis)
     first = field[_along(axis, slice(0, 1))]
     last = field[_along(axis, slice(-1, None))]
-    if boundary == "periodic":
-        after_last, before_first = first, last
-    elif boundary == "neumann":
+    if boundary == "neumann":
         after_last, before_first = last, first
     else:
         after_last = before_first = ops.zeros_like(first)
@@ -164,8 +165,9 @@ def solve_advection_diffusion(source, initial, diffusivity, velocity, steps,
 
     c = stencil_coefficients(diffusivity, velocity, source, dt, dx, dy, boundary)
     driven = c["source"] * source
-    previous, current = source, initial
-    for _ in range(steps):
+
+    def step(_, state):
+        previous, current = state
         x_next, x_previous = neighbours(current, X_AXIS, boundary)
         y_next, y_previous = neighbours(current, Y_AXIS, boundary)
         following = (
@@ -173,5 +175,15 @@ def solve_advection_diffusion(source, initial, diffusivity, velocity, steps,
             + c["x_next"] * x_next + c["x_previous"] * x_previous
             + c["y_next"] * y_next + c["y_previous"] * y_previous
         )
-        previous, current = current, following
-    return current
+        return current, following
+
+    # A loop rather than unrolled steps: under XLA, unrolled steps fuse into
+    # one kernel that recomputes neighbours of neighbours (5^K work); a loop
+    # keeps each H^k materialised. JAX differentiates fori_loop (a scan);
+    # TensorFlow's XLA needs the bounded while_loop.
+    if keras.backend.backend() == "tensorflow":
+        return ops.while_loop(
+            lambda previous, current: True,
+            lambda previous, current: step(None, (previous, current)),
+            (source, initial), maximum_iterations=steps)[1]
+    return ops.fori_loop(0, steps, step, (source, initial))[1]

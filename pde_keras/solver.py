@@ -5,6 +5,8 @@ the coefficient maps and the Perona-Malik Sobel filter all take their
 neighbours from :func:`neighbours`.
 """
 
+import functools
+
 import keras
 from keras import ops
 
@@ -164,26 +166,39 @@ def solve_advection_diffusion(source, initial, diffusivity, velocity, steps,
             f"<tensor of shape {tuple(initial.shape)}>")
 
     c = stencil_coefficients(diffusivity, velocity, source, dt, dx, dy, boundary)
-    driven = c["source"] * source
-
-    def step(_, state):
-        previous, current = state
-        x_next, x_previous = neighbours(current, X_AXIS, boundary)
-        y_next, y_previous = neighbours(current, Y_AXIS, boundary)
-        following = (
-            c["previous"] * previous + driven + c["centre"] * current
-            + c["x_next"] * x_next + c["x_previous"] * x_previous
-            + c["y_next"] * y_next + c["y_previous"] * y_previous
-        )
-        return current, following
-
+    constants = (c["source"] * source,) + tuple(c[name] for name in _STEP_COEFFICIENTS)
+    step = _step_function(boundary)
     # A loop rather than unrolled steps: under XLA, unrolled steps fuse into
     # one kernel that recomputes neighbours of neighbours (5^K work); a loop
     # keeps each H^k materialised. JAX differentiates fori_loop (a scan);
     # TensorFlow's XLA needs the bounded while_loop.
     if keras.backend.backend() == "tensorflow":
-        return ops.while_loop(
-            lambda previous, current: True,
-            lambda previous, current: step(None, (previous, current)),
-            (source, initial), maximum_iterations=steps)[1]
-    return ops.fori_loop(0, steps, step, (source, initial))[1]
+        return ops.while_loop(lambda *state: True, lambda *state: step(None, state),
+                              (source, initial, constants), maximum_iterations=steps)[1]
+    return ops.fori_loop(0, steps, step, (source, initial, constants))[1]
+
+
+_STEP_COEFFICIENTS = ("previous", "centre", "x_next", "x_previous", "y_next", "y_previous")
+
+
+@functools.lru_cache(maxsize=None)
+def _step_function(boundary):
+    """One step of eq. 2 as a loop body, one function per boundary.
+
+    The same function object serves every call, so JAX's loop tracing cache
+    hits instead of re-compiling the loop for each new closure.
+    """
+
+    def step(_, state):
+        previous, current, constants = state
+        driven, c_previous, c_centre, c_x_next, c_x_previous, c_y_next, c_y_previous = constants
+        x_next, x_previous = neighbours(current, X_AXIS, boundary)
+        y_next, y_previous = neighbours(current, Y_AXIS, boundary)
+        following = (
+            c_previous * previous + driven + c_centre * current
+            + c_x_next * x_next + c_x_previous * x_previous
+            + c_y_next * y_next + c_y_previous * y_previous
+        )
+        return current, following, constants
+
+    return step

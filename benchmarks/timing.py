@@ -33,7 +33,7 @@ def gradient_step(layer, inputs, jit_compile):
                 loss = tf.reduce_sum(tf.square(tf.cast(y, "float32")))
             return tape.gradient(loss, [x] + layer.trainable_variables)
 
-        return lambda: [g.numpy() for g in step()]
+        return lambda: [g.numpy() for g in step() if g is not None]
     if backend == "jax":
         import jax
         import jax.numpy as jnp

@@ -37,22 +37,21 @@ def _randomise_batchnorms(layer, seed=1):
             sub.moving_variance.assign(rng.uniform(0.5, 1.5, c).astype("float32"))
 
 
-def _bn(x, bn, channels=slice(None)):
-    """Inference-mode BN in NumPy, with the BN's parameters at `channels`."""
+def _bn(x, bn):
     return ref.batchnorm_inference(
-        x, _np(bn.gamma)[channels], _np(bn.beta)[channels], _np(bn.moving_mean)[channels],
-        _np(bn.moving_variance)[channels], bn.epsilon)
+        x, _np(bn.gamma), _np(bn.beta), _np(bn.moving_mean), _np(bn.moving_variance),
+        bn.epsilon)
 
 
 def _depthwise_map(layer, name, h0):
     """A depth-wise coefficient map before its ReLU, from the fused conv's weights.
 
-    The layer's shared depth-wise conv has one multiplier per map: map j of
-    channel c is output channel c * n + j.
+    The layer's shared depth-wise conv has one multiplier per map (map j of
+    channel c is output channel c * n + j); each map then has its own BN.
     """
-    j, n = layer.depthwise_maps.index(name), len(layer.depthwise_maps)
+    j = layer.depthwise_maps.index(name)
     kernel = _np(layer.coefficient_conv.kernel)[..., j:j + 1]
-    return _bn(ref.depthwise_conv_same(h0, kernel), layer.coefficient_bn, slice(j, None, n))
+    return _bn(ref.depthwise_conv_same(h0, kernel), layer.branches[name][0])
 
 
 # -- numerics against the NumPy reference -----------------------------------

@@ -8,7 +8,6 @@ K=5 and of `Conv2D(16, 3)` on the same (128, 32, 32, 16) tensor, and prints
 the medians and the ratios to the convolution.
 """
 
-import json
 import os
 import platform
 
@@ -68,9 +67,7 @@ def main(argv):
             "median_seconds": medians, "ratio_to_conv": ratios,
             "pde_keras_version": pde_keras.__version__,
         }
-        with open(FLAGS.output + ".tmp", "w") as f:
-            json.dump(record, f, indent=2)
-        os.replace(FLAGS.output + ".tmp", FLAGS.output)
+        timing.write_json(FLAGS.output, record)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@ summarised by medians, so a noisy shared machine slows all cases alike.
 """
 
 import inspect
+import json
+import os
 import statistics
 import time
 
@@ -77,3 +79,10 @@ def measure(cases, rounds, warmup, repeats=1):
 
 def random_inputs(shape, seed=0):
     return np.random.default_rng(seed).normal(size=shape).astype("float32")
+
+
+def write_json(path, record):
+    """Writes `record` to `path` atomically (a temporary file, then rename)."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(record, f, indent=2)
+    os.replace(path + ".tmp", path)

@@ -50,7 +50,7 @@ class AdvectionDiffusion(keras.layers.Layer):
     >>> f = keras.Input((28, 28, 1))
     >>> g = keras.layers.Conv2D(1, 3, padding="same")(f)
     >>> h = pde_keras.AdvectionDiffusion(diffusivity="perona_malik")([f, g])
-    >>> keras.Model(f, h)(np.zeros((2, 28, 28, 1), "float32")).shape
+    >>> tuple(keras.Model(f, h)(np.zeros((2, 28, 28, 1), "float32")).shape)
     (2, 28, 28, 1)
 
     Reference:

@@ -14,6 +14,11 @@ THREE_STAGES = ((16, 1), (32, 2), (64, 2))
 FOUR_STAGES = THREE_STAGES + ((64, 2),)
 
 
+def trainable_params(model):
+    """What the formulas below are compared with: the model's trainable weights' sizes."""
+    return sum(math.prod(weight.shape) for weight in model.trainable_weights)
+
+
 def conv_params(c_in, c_out, k=3):
     return k * k * c_in * c_out  # no bias
 

@@ -23,24 +23,6 @@ pytestmark = pytest.mark.multibackend
 TENSORFLOW = keras.backend.backend() == "tensorflow"
 
 
-@pytest.fixture(scope="module")
-def build():
-    """Builds each (name, options) once per module."""
-    cache = {}
-
-    def get(name, **options):
-        key = (name, tuple(sorted(options.items())))
-        if key not in cache:
-            cache[key] = models.create(name, **options)
-        return cache[key]
-
-    return get
-
-
-def trainable_params(model):
-    return sum(int(np.prod(w.shape)) for w in model.trainable_weights)
-
-
 # -- pinned paper-comparable MACs ---------------------------------------------------
 
 PINNED_PAPER_MACS = {
@@ -86,7 +68,7 @@ def test_table2_variants_match_independent_count(build, variant):
     stages, blocks, global_after = arch.RESNETS["resnet32_global"]
     expected_params = arch.resnet_params(stages, blocks, global_after, **options)
     expected_macs = arch.resnet_paper_macs(stages, blocks, global_after, **options)
-    assert trainable_params(model) == expected_params
+    assert arch.trainable_params(model) == expected_params
     paper = pde_keras.count_macs(model)["paper"]
     assert arch.within(paper, expected_macs, 0.01)  # the acceptance criterion...
     assert paper == expected_macs  # ...and in fact to the multiply
@@ -94,7 +76,7 @@ def test_table2_variants_match_independent_count(build, variant):
 
 def test_table2_counts_pinned(build):
     """The variants' trainable parameters and paper MACs, as the README reports them."""
-    counts = {variant: (trainable_params(build("resnet32_global", **options)),
+    counts = {variant: (arch.trainable_params(build("resnet32_global", **options)),
                         pde_keras.count_macs(build("resnet32_global", **options))["paper"])
               for variant, options in arch.TABLE2_VARIANTS.items()}
     assert counts == {
@@ -179,7 +161,7 @@ def test_every_global_configuration(velocity, diffusivity, init):
     assert macs["paper"] == arch.global_paper_macs(c, side, **options)
     expected_pde = arch.pde_macs(side * side * c, 3, diffusivity)
     assert {kind: macs[kind] for kind in expected_pde} == expected_pde
-    assert trainable_params(model) == arch.global_params(c, **options)
+    assert arch.trainable_params(model) == arch.global_params(c, **options)
 
 
 # -- cross-check with TensorFlow's graph profiler ---------------------------------------

@@ -24,26 +24,8 @@ MODEL_NAMES = ("mnist_conv", "mnist_residual", "mnist_pde", "resnet32", "resnet3
 EPS = 1e-5
 
 
-def trainable_params(model):
-    return sum(int(np.prod(w.shape)) for w in model.trainable_weights)
-
-
 def _np(x):
     return ops.convert_to_numpy(x)
-
-
-@pytest.fixture(scope="module")
-def build():
-    """Builds each (name, options) once per module."""
-    cache = {}
-
-    def get(name, **options):
-        key = (name, tuple(sorted(options.items())))
-        if key not in cache:
-            cache[key] = models.create(name, **options)
-        return cache[key]
-
-    return get
 
 
 def _images(model, batch=2, seed=0):
@@ -88,7 +70,7 @@ def _independent_params(name, options):
                          ids=[f"{n}-{'-'.join(map(str, o.values()))}" for n, o, _ in PINNED_PARAMS])
 def test_pinned_trainable_params(build, name, options, expected):
     assert _independent_params(name, options) == expected  # the reference agrees with the issue
-    assert trainable_params(build(name, **options)) == expected
+    assert arch.trainable_params(build(name, **options)) == expected
 
 
 @pytest.mark.parametrize("name, options", [
@@ -99,12 +81,12 @@ def test_pinned_trainable_params(build, name, options, expected):
     ("mnist_pde", {"channels": 3}),
 ])
 def test_other_params_match_independent_count(build, name, options):
-    assert trainable_params(build(name, **options)) == _independent_params(name, options)
+    assert arch.trainable_params(build(name, **options)) == _independent_params(name, options)
 
 
 def test_resnet56_counts_pinned(build):
-    assert trainable_params(build("resnet56")) == 855_770
-    assert trainable_params(build("resnet56_global")) == 332_602
+    assert arch.trainable_params(build("resnet56")) == 855_770
+    assert arch.trainable_params(build("resnet56_global")) == 332_602
 
 
 def test_global_layer_share_of_resnet32_global(build):
@@ -113,8 +95,24 @@ def test_global_layer_share_of_resnet32_global(build):
     global_layers = [layer for layer in model.layers if isinstance(layer, GlobalLayer)]
     assert [layer.name for layer in global_layers] == [
         "stage1_global", "stage2_global", "stage3_global"]
-    assert [trainable_params(layer) for layer in global_layers] == [46 * 16, 46 * 32, 46 * 64]
-    assert trainable_params(model) - 46 * (16 + 32 + 64) == 156_250
+    assert [arch.trainable_params(layer) for layer in global_layers] == [46 * 16, 46 * 32, 46 * 64]
+    assert arch.trainable_params(model) - 46 * (16 + 32 + 64) == 156_250
+
+
+@pytest.mark.parametrize("name, options, report", [
+    ("mnist_conv", {"channels": 1}, 526), ("mnist_residual", {"channels": 1}, 530),
+    ("mnist_pde", {"channels": 1}, 530), ("mnist_conv", {"channels": 8}, 4614),
+    ("mnist_pde", {"channels": 8, "diffusivity": "perona_malik"}, 4646),
+    ("resnet32_4stage", {}, 844), ("resnet32_global", {}, 163),
+    ("resnet32_global", {"velocity": "identity", "diffusivity": "constant"}, 158),
+    ("resnet32_global", {"velocity": "residual", "diffusivity": "residual"}, 550),
+    ("resnet32_global", {"diffusivity": "perona_malik"}, 160),
+    ("resnet32_global", {"init": "residual"}, 261),
+])
+def test_report_counts_include_the_moving_statistics(build, name, options, report):
+    """The report's Tables 1 and 2 count all weights (exact for MNIST, truncated K for CIFAR)."""
+    count = build(name, **options).count_params()
+    assert (count if name.startswith("mnist") else count // 1000) == report
 
 
 # -- shapes, names, wiring --------------------------------------------------------
@@ -313,3 +311,13 @@ def test_factories_check_options_when_called_directly():
     with pytest.raises(ValueError, match=re.escape("Received: options={'channels': 8}")):
         models.resnet.resnet32(channels=8)
     assert pde_keras.models.mnist.mnist_conv(channels=8).count_params() > 4596
+
+
+def test_advection_diffusion_layer_inputs_and_config():
+    layer = pde_keras.AdvectionDiffusion(diffusivity="perona_malik", steps=2, dt=0.1)
+    assert pde_keras.AdvectionDiffusion.from_config(layer.get_config()).get_config() == (
+        layer.get_config())
+    with pytest.raises(ValueError, match=re.escape(
+            "AdvectionDiffusion expects a list [source, velocity] of two rank-4 tensors of "
+            "the same shape. Received: input_shape=(None, 8, 8, 2)")):
+        layer(keras.Input((8, 8, 2)))

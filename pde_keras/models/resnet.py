@@ -83,59 +83,42 @@ def resnet(stages, blocks_per_stage, global_after=(), num_classes=10, input_shap
     return keras.Model(inputs, blocks.logits(x, num_classes), name=name)
 
 
-@register("resnet32", extra_options=blocks.LAYER_OPTIONS)
-def resnet32(num_classes=10, input_shape=CIFAR_SHAPE, name="resnet32", **layer_options):
-    """ResNet32, the authors' CIFAR baseline: 3 stages of 5 basic blocks.
+def _variant(model_name, stages, blocks_per_stage, global_after, summary):
+    """Registers the factory of one named ResNet; `summary` opens its docstring."""
 
-    466,906 trainable parameters and 69.1M MACs at 10 classes (the paper
-    rounds to 460K / 70M).
+    def factory(num_classes=10, input_shape=CIFAR_SHAPE, name=model_name, **options):
+        return resnet(stages, blocks_per_stage, global_after, num_classes=num_classes,
+                      input_shape=input_shape, name=name, **options)
+
+    factory.__name__ = factory.__qualname__ = model_name
+    factory.__doc__ = summary + (_GLOBAL_ARGS if global_after else _ARGS)
+    return register(model_name, GLOBAL_OPTIONS if global_after else blocks.LAYER_OPTIONS)(factory)
+
+
+_ARGS = """
 
     Args:
         num_classes: number of logits (10 or 100 for CIFAR). Defaults to 10.
         input_shape: image shape. Defaults to `(32, 32, 3)`.
         name: model name.
-        **layer_options: `kernel_initializer`, `kernel_regularizer`,
+        **options: `kernel_initializer`, `kernel_regularizer`,
             `batchnorm_momentum`, `batchnorm_epsilon` of every layer.
 
     Returns:
         A functional `keras.Model` from images to logits.
     """
-    return resnet(THREE_STAGES, 5, num_classes=num_classes, input_shape=input_shape, name=name,
-                  **layer_options)
-
-
-@register("resnet32_4stage", extra_options=blocks.LAYER_OPTIONS)
-def resnet32_4stage(num_classes=10, input_shape=CIFAR_SHAPE, name="resnet32_4stage",
-                    **layer_options):
-    """The report's ResNet32 baseline: 4 stages (16, 32, 64, 64) of 5 basic blocks.
-
-    841,050 trainable parameters and 75.1M MACs at 10 classes (the report:
-    844K / 75M).
-
-    Args: as `resnet32`.
-
-    Returns:
-        A functional `keras.Model` from images to logits.
-    """
-    return resnet(FOUR_STAGES, 5, num_classes=num_classes, input_shape=input_shape, name=name,
-                  **layer_options)
-
-
-@register("resnet32_global", extra_options=GLOBAL_OPTIONS)
-def resnet32_global(num_classes=10, input_shape=CIFAR_SHAPE, name="resnet32_global", **options):
-    """ResNet32-Global: 4 stages of 1 basic block, a GlobalLayer after stages 1-3.
-
-    161,402 trainable parameters and 14.8M conv + dense MACs with the
-    GlobalLayer defaults (the paper: 162K / 15M).
+_GLOBAL_ARGS = """
 
     Args:
-        num_classes, input_shape, name: as `resnet32`.
+        num_classes: number of logits (10 or 100 for CIFAR). Defaults to 10.
+        input_shape: image shape. Defaults to `(32, 32, 3)`.
+        name: model name.
         **options: every `GlobalLayer` option (`velocity`, `diffusivity`,
             `init`, `steps`, `dt`, `dx`, `dy`, `boundary`,
-            `diffusivity_constant`, `perona_malik_lambda`, ...). The four
-            layer options (`kernel_initializer`, `kernel_regularizer`,
-            `batchnorm_momentum`, `batchnorm_epsilon`) apply to the whole
-            model.
+            `diffusivity_constant`, `perona_malik_lambda`, ...), given to
+            each GlobalLayer; `kernel_initializer`, `kernel_regularizer`,
+            `batchnorm_momentum` and `batchnorm_epsilon` apply to every
+            layer of the model.
 
     Returns:
         A functional `keras.Model` from images to logits.
@@ -148,33 +131,32 @@ def resnet32_global(num_classes=10, input_shape=CIFAR_SHAPE, name="resnet32_glob
     >>> model.get_layer("stage1_global").velocity
     'identity'
     """
-    return resnet(FOUR_STAGES, 1, global_after=(1, 2, 3), num_classes=num_classes,
-                  input_shape=input_shape, name=name, **options)
 
+resnet32 = _variant("resnet32", THREE_STAGES, 5, (), """ResNet32, the authors' CIFAR baseline.
 
-@register("resnet56", extra_options=blocks.LAYER_OPTIONS)
-def resnet56(num_classes=10, input_shape=CIFAR_SHAPE, name="resnet56", **layer_options):
-    """ResNet56: 3 stages of 9 basic blocks.
+    3 stages (16, 32, 64) of 5 basic blocks: 466,906 trainable parameters
+    and 69.1M MACs at 10 classes (the paper rounds to 460K / 70M).""")
 
-    Args: as `resnet32`.
+resnet32_4stage = _variant("resnet32_4stage", FOUR_STAGES, 5, (), """The report's ResNet32 baseline.
 
-    Returns:
-        A functional `keras.Model` from images to logits.
-    """
-    return resnet(THREE_STAGES, 9, num_classes=num_classes, input_shape=input_shape, name=name,
-                  **layer_options)
+    4 stages (16, 32, 64, 64) of 5 basic blocks: 841,050 trainable
+    parameters and 75.1M MACs at 10 classes (the report: 844K / 75M,
+    counting the batch norms' moving statistics).""")
 
+resnet32_global = _variant("resnet32_global", FOUR_STAGES, 1, (1, 2, 3), """ResNet32-Global.
 
-@register("resnet56_global", extra_options=GLOBAL_OPTIONS)
-def resnet56_global(num_classes=10, input_shape=CIFAR_SHAPE, name="resnet56_global", **options):
-    """ResNet56-Global: 4 stages of 2 basic blocks, a GlobalLayer after stages 1-3.
+    4 stages (16, 32, 64, 64) of 1 basic block, a GlobalLayer after stages
+    1-3: 161,402 trainable parameters and 14.8M conv + dense MACs with the
+    GlobalLayer defaults (the paper: 162K / 15M).""")
 
-    The authors' `pdenet` default (m = 2).
+resnet56 = _variant("resnet56", THREE_STAGES, 9, (), """ResNet56.
 
-    Args: as `resnet32_global`.
+    3 stages (16, 32, 64) of 9 basic blocks: 855,770 trainable parameters
+    and 125.7M MACs at 10 classes.""")
 
-    Returns:
-        A functional `keras.Model` from images to logits.
-    """
-    return resnet(FOUR_STAGES, 2, global_after=(1, 2, 3), num_classes=num_classes,
-                  input_shape=input_shape, name=name, **options)
+resnet56_global = _variant("resnet56_global", FOUR_STAGES, 2, (1, 2, 3), """ResNet56-Global.
+
+    4 stages (16, 32, 64, 64) of 2 basic blocks (the authors' `pdenet`
+    default, m = 2), a GlobalLayer after stages 1-3: 332,602 trainable
+    parameters and 30.1M conv + dense MACs with the GlobalLayer
+    defaults.""")

@@ -5,6 +5,7 @@ the coefficient maps and the Perona-Malik Sobel filter all take their
 neighbours from :func:`neighbours`.
 """
 
+import keras
 from keras import ops
 
 from pde_keras import validation
@@ -199,7 +200,8 @@ def solve_advection_diffusion(source, initial, diffusivity, velocity, steps,
         raise validation.invalid(
             "source", "a rank-4 tensor (batch, height, width, channels)",
             f"<tensor of shape {tuple(source.shape)}>")
-    if not str(source.dtype).startswith(("float", "bfloat")):
+    # str() of a TensorFlow dtype is "<dtype: 'float64'>": standardise first.
+    if not keras.backend.standardize_dtype(source.dtype).startswith(("float", "bfloat")):
         source = ops.cast(source, "float32")
     initial = ops.cast(ops.convert_to_tensor(initial), source.dtype)
     if tuple(initial.shape) != tuple(source.shape):

@@ -21,13 +21,13 @@ def register(name, extra_options=()):
         valid = tuple(dict.fromkeys(options_of(factory) + tuple(extra_options)))
 
         @functools.wraps(factory)
-        def checked(**options):
+        def checked(*args, **options):
             unknown = {key: value for key, value in options.items() if key not in valid}
             if unknown:
                 allowed = ", ".join(repr(option) for option in valid)
                 raise validation.invalid(
                     "options", f"keyword arguments of model {name!r} among {allowed}", unknown)
-            return factory(**options)
+            return factory(*args, **options)
 
         checked.options = valid
         _FACTORIES[name] = checked

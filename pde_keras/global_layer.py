@@ -184,18 +184,6 @@ class GlobalLayer(keras.layers.Layer):
 
     # -- computation ------------------------------------------------------
 
-    def _sobel_magnitude_squared(self, h):
-        """|grad h|^2 from the 3x3 Sobel filters, with the layer's boundary."""
-        def smooth(field, axis):
-            following, preceding = solver.neighbours(field, axis, self.boundary)
-            return preceding + 2.0 * field + following
-
-        g_x = solver.central_difference(smooth(h, solver.Y_AXIS), solver.X_AXIS,
-                                        0.5, self.boundary)
-        g_y = solver.central_difference(smooth(h, solver.X_AXIS), solver.Y_AXIS,
-                                        0.5, self.boundary)
-        return g_x * g_x + g_y * g_y
-
     def _split_depthwise(self, initial):
         """The shared depth-wise conv's output, split into one tensor per map."""
         fused = self.coefficient_conv(initial)
@@ -227,8 +215,8 @@ class GlobalLayer(keras.layers.Layer):
         elif self.diffusivity == "constant":
             maps["Dx"] = maps["Dy"] = self.diffusivity_constant
         elif self.diffusivity == "perona_malik":
-            gradient2 = self._sobel_magnitude_squared(initial32)
-            maps["Dx"] = maps["Dy"] = 1.0 / (1.0 + gradient2 / self.perona_malik_lambda**2)
+            maps["Dx"] = maps["Dy"] = solver.perona_malik_diffusivity(
+                initial32, self.perona_malik_lambda, self.boundary)
         return maps, pre_activation
 
     def _run(self, inputs, training):

@@ -61,6 +61,52 @@ def central_difference(field, axis, spacing=1.0, boundary="periodic"):
     return (following - preceding) * (0.5 / spacing)
 
 
+def sobel_gradient_squared(field, boundary="periodic"):
+    """|grad field|^2 from the 3x3 Sobel filters (unnormalised), per channel.
+
+    G_x = [1, 2, 1]^T (along y) smoothing of the central difference
+    `field[x + 1] - field[x - 1]`, G_y likewise with the axes swapped; the
+    ghost cells come from `boundary` (see :func:`neighbours`).
+
+    Args:
+        field: rank-4 NHWC tensor.
+        boundary: one of `BOUNDARIES`.
+
+    Returns:
+        `G_x^2 + G_y^2`, shaped like `field`.
+    """
+    def smooth(values, axis):
+        following, preceding = neighbours(values, axis, boundary)
+        return preceding + 2.0 * values + following
+
+    g_x = central_difference(smooth(field, Y_AXIS), X_AXIS, 0.5, boundary)
+    g_y = central_difference(smooth(field, X_AXIS), Y_AXIS, 0.5, boundary)
+    return g_x * g_x + g_y * g_y
+
+
+def perona_malik_diffusivity(field, lam=2.0, boundary="periodic"):
+    """The isotropic Perona-Malik diffusivity D = 1 / (1 + |grad field|^2 / lam^2).
+
+    |grad field| comes from the 3x3 Sobel filters
+    (:func:`sobel_gradient_squared`), so D is small at edges and near 1 in
+    flat regions.
+
+    Args:
+        field: rank-4 NHWC float tensor (H^0).
+        lam: the contrast parameter lambda (positive).
+        boundary: one of `BOUNDARIES`.
+
+    Returns:
+        D, shaped like `field`.
+
+    Reference:
+        P. Perona and J. Malik, "Scale-space and edge detection using
+        anisotropic diffusion", IEEE TPAMI 12(7), 1990.
+    """
+    lam = validation.check_float("perona_malik_lambda", lam, positive=True)
+    return 1.0 / (1.0 + sobel_gradient_squared(field, boundary) / lam**2)
+
+
 def _check_pair(name, value):
     if not isinstance(value, (tuple, list)) or len(value) != 2:
         raise validation.invalid(name, "a pair of tensors or scalars", type(value).__name__)

@@ -323,6 +323,21 @@ def test_central_difference(boundary, axis):
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("boundary", BOUNDARIES)
+def test_perona_malik_diffusivity_matches_sobel_reference(boundary):
+    import numpy_reference as ref
+
+    field = np.random.default_rng(11).standard_normal(SHAPE).astype(np.float32)
+    g_x, g_y = ref.sobel(field, boundary)
+    expected = 1.0 / (1.0 + (g_x**2 + g_y**2) / 1.5**2)
+    out = to_numpy(solver.perona_malik_diffusivity(field, 1.5, boundary))
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=re.escape(
+            "Invalid value for argument `perona_malik_lambda`: expected a positive "
+            "finite number. Received: perona_malik_lambda=0")):
+        solver.perona_malik_diffusivity(field, 0, boundary)
+
+
 # ---------------------------------------------------------------------------
 # 8. Autodiff vs finite differences (float64)
 # ---------------------------------------------------------------------------

@@ -5,6 +5,9 @@ the coefficient maps and the Perona-Malik Sobel filter all take their
 neighbours from :func:`neighbours`.
 """
 
+import functools
+
+import keras
 from keras import ops
 
 from pde_keras import validation
@@ -38,11 +41,12 @@ def neighbours(field, axis, boundary="periodic"):
         `(next, previous)`, each shaped like `field`.
     """
     boundary = validation.check_choice("boundary", boundary, BOUNDARIES)
+    if boundary == "periodic":
+        # One kernel each way (TensorFlow's roll), not slice + concatenate.
+        return ops.roll(field, -1, axis=axis), ops.roll(field, 1, axis=axis)
     first = field[_along(axis, slice(0, 1))]
     last = field[_along(axis, slice(-1, None))]
-    if boundary == "periodic":
-        after_last, before_first = first, last
-    elif boundary == "neumann":
+    if boundary == "neumann":
         after_last, before_first = last, first
     else:
         after_last = before_first = ops.zeros_like(first)
@@ -55,6 +59,52 @@ def central_difference(field, axis, spacing=1.0, boundary="periodic"):
     """`(field[i + 1] - field[i - 1]) / (2 * spacing)` along `axis`."""
     following, preceding = neighbours(field, axis, boundary)
     return (following - preceding) * (0.5 / spacing)
+
+
+def sobel_gradient_squared(field, boundary="periodic"):
+    """|grad field|^2 from the 3x3 Sobel filters (unnormalised), per channel.
+
+    G_x = [1, 2, 1]^T (along y) smoothing of the central difference
+    `field[x + 1] - field[x - 1]`, G_y likewise with the axes swapped; the
+    ghost cells come from `boundary` (see :func:`neighbours`).
+
+    Args:
+        field: rank-4 NHWC tensor.
+        boundary: one of `BOUNDARIES`.
+
+    Returns:
+        `G_x^2 + G_y^2`, shaped like `field`.
+    """
+    def smooth(values, axis):
+        following, preceding = neighbours(values, axis, boundary)
+        return preceding + 2.0 * values + following
+
+    g_x = central_difference(smooth(field, Y_AXIS), X_AXIS, 0.5, boundary)
+    g_y = central_difference(smooth(field, X_AXIS), Y_AXIS, 0.5, boundary)
+    return g_x * g_x + g_y * g_y
+
+
+def perona_malik_diffusivity(field, lam=2.0, boundary="periodic"):
+    """The isotropic Perona-Malik diffusivity D = 1 / (1 + |grad field|^2 / lam^2).
+
+    |grad field| comes from the 3x3 Sobel filters
+    (:func:`sobel_gradient_squared`), so D is small at edges and near 1 in
+    flat regions.
+
+    Args:
+        field: rank-4 NHWC float tensor (H^0).
+        lam: the contrast parameter lambda (positive).
+        boundary: one of `BOUNDARIES`.
+
+    Returns:
+        D, shaped like `field`.
+
+    Reference:
+        P. Perona and J. Malik, "Scale-space and edge detection using
+        anisotropic diffusion", IEEE TPAMI 12(7), 1990.
+    """
+    lam = validation.check_float("perona_malik_lambda", lam, positive=True)
+    return 1.0 / (1.0 + sobel_gradient_squared(field, boundary) / lam**2)
 
 
 def _check_pair(name, value):
@@ -153,7 +203,7 @@ def solve_advection_diffusion(source, initial, diffusivity, velocity, steps,
         raise validation.invalid(
             "source", "a rank-4 tensor (batch, height, width, channels)",
             f"<tensor of shape {tuple(source.shape)}>")
-    if not str(source.dtype).startswith(("float", "bfloat")):
+    if "float" not in keras.backend.standardize_dtype(source.dtype):
         source = ops.cast(source, "float32")
     initial = ops.cast(ops.convert_to_tensor(initial), source.dtype)
     if tuple(initial.shape) != tuple(source.shape):
@@ -162,15 +212,39 @@ def solve_advection_diffusion(source, initial, diffusivity, velocity, steps,
             f"<tensor of shape {tuple(initial.shape)}>")
 
     c = stencil_coefficients(diffusivity, velocity, source, dt, dx, dy, boundary)
-    driven = c["source"] * source
-    previous, current = source, initial
-    for _ in range(steps):
+    constants = (c["source"] * source,) + tuple(c[name] for name in _STEP_COEFFICIENTS)
+    step = _step_function(boundary)
+    # A loop rather than unrolled steps: under XLA, unrolled steps fuse into
+    # one kernel that recomputes neighbours of neighbours (5^K work); a loop
+    # keeps each H^k materialised. JAX differentiates fori_loop (a scan);
+    # TensorFlow's XLA needs the bounded while_loop.
+    if keras.backend.backend() == "tensorflow":
+        return ops.while_loop(lambda *state: True, lambda *state: step(None, state),
+                              (source, initial, constants), maximum_iterations=steps)[1]
+    return ops.fori_loop(0, steps, step, (source, initial, constants))[1]
+
+
+_STEP_COEFFICIENTS = ("previous", "centre", "x_next", "x_previous", "y_next", "y_previous")
+
+
+@functools.lru_cache(maxsize=None)
+def _step_function(boundary):
+    """One step of eq. 2 as a loop body, one function per boundary.
+
+    The same function object serves every call, so JAX's loop tracing cache
+    hits instead of re-compiling the loop for each new closure.
+    """
+
+    def step(_, state):
+        previous, current, constants = state
+        driven, c_previous, c_centre, c_x_next, c_x_previous, c_y_next, c_y_previous = constants
         x_next, x_previous = neighbours(current, X_AXIS, boundary)
         y_next, y_previous = neighbours(current, Y_AXIS, boundary)
         following = (
-            c["previous"] * previous + driven + c["centre"] * current
-            + c["x_next"] * x_next + c["x_previous"] * x_previous
-            + c["y_next"] * y_next + c["y_previous"] * y_previous
+            c_previous * previous + driven + c_centre * current
+            + c_x_next * x_next + c_x_previous * x_previous
+            + c_y_next * y_next + c_y_previous * y_previous
         )
-        previous, current = current, following
-    return current
+        return current, following, constants
+
+    return step

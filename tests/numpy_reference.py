@@ -24,32 +24,66 @@ def shift(field, axis, offset, boundary):
     return padded[:, 1:h + 1, 1 + offset:1 + offset + w]
 
 
-def solve(f, h0, diffusivity, velocity, steps, dt=0.2, dx=1.0, dy=1.0, boundary="periodic"):
-    """H^K of eq. 2, cell by cell, in float64."""
-    f = np.asarray(f, np.float64)
-    full = lambda a: np.broadcast_to(np.asarray(a, np.float64), f.shape)  # noqa: E731
-    d_x, d_y = map(full, diffusivity)
-    u, v = map(full, velocity)
-    pu, pv = pad(u, boundary), pad(v, boundary)
-    _, height, width, _ = f.shape
-    previous, current = f, np.asarray(h0, np.float64)
+def _ghost_index(index, size, boundary):
+    """The in-range index standing for `index`, or None for a zero ghost."""
+    if 0 <= index < size:
+        return index
+    if boundary == "periodic":
+        return index % size
+    if boundary == "neumann":
+        return 0 if index < 0 else size - 1
+    if boundary == "dirichlet":
+        return None
+    raise AssertionError(boundary)
+
+
+def _value(field, b, i, j, c, boundary):
+    """field[b, i, j, c] with ghost cells beyond the spatial edges."""
+    _, height, width, _ = field.shape
+    ii = _ghost_index(i, height, boundary)
+    jj = _ghost_index(j, width, boundary)
+    if ii is None or jj is None:
+        return 0.0
+    return field[b, ii, jj, c]
+
+
+def solve(source, initial, diffusivity, velocity, steps, dt=0.2,
+          dx=1.0, dy=1.0, boundary="periodic"):
+    """Cell-by-cell float64 loop over the scheme above."""
+    f = np.asarray(source, dtype=np.float64)
+    shape = f.shape
+    full = lambda a: np.broadcast_to(np.asarray(a, dtype=np.float64), shape)
+    d_x, d_y = full(diffusivity[0]), full(diffusivity[1])
+    u, v = full(velocity[0]), full(velocity[1])
+    previous = f.copy()  # H^{-1}
+    current = np.array(initial, dtype=np.float64)  # H^0
     for _ in range(steps):
-        ph = pad(current, boundary)
-        new = np.empty_like(current)
-        for i in range(height):
-            for j in range(width):
-                a, b = i + 1, j + 1  # indices into the padded arrays
-                u_x = (pu[:, a + 1, b] - pu[:, a - 1, b]) / (2 * dx)
-                v_y = (pv[:, a, b + 1] - pv[:, a, b - 1]) / (2 * dy)
-                a_x, a_y = u[:, i, j] * dt / dx, v[:, i, j] * dt / dy
-                b_x, b_y = d_x[:, i, j] * dt / dx**2, d_y[:, i, j] * dt / dy**2
-                rhs = ((1 - 2 * b_x - 2 * b_y) * previous[:, i, j]
-                       - 2 * (u_x + v_y) * dt * current[:, i, j] + 2 * dt * f[:, i, j]
-                       + (-a_x + 2 * b_x) * ph[:, a + 1, b] + (a_x + 2 * b_x) * ph[:, a - 1, b]
-                       + (-a_y + 2 * b_y) * ph[:, a, b + 1] + (a_y + 2 * b_y) * ph[:, a, b - 1])
-                new[:, i, j] = rhs / (1 + 2 * b_x + 2 * b_y)
+        new = np.empty(shape, dtype=np.float64)
+        for b, i, j, c in np.ndindex(*shape):
+            def at(field, di, dj):
+                return _value(field, b, i + di, j + dj, c, boundary)
+
+            a_x = u[b, i, j, c] * dt / dx
+            a_y = v[b, i, j, c] * dt / dy
+            b_x = d_x[b, i, j, c] * dt / dx ** 2
+            b_y = d_y[b, i, j, c] * dt / dy ** 2
+            u_x = (at(u, 1, 0) - at(u, -1, 0)) / (2 * dx)
+            v_y = (at(v, 0, 1) - at(v, 0, -1)) / (2 * dy)
+            lhs = 1 + 2 * b_x + 2 * b_y
+            m = 1 - 2 * b_x - 2 * b_y
+            rhs = (
+                m * previous[b, i, j, c]
+                - 2 * (u_x + v_y) * dt * current[b, i, j, c]
+                + 2 * dt * f[b, i, j, c]
+                + (-a_x + 2 * b_x) * at(current, 1, 0)
+                + (a_x + 2 * b_x) * at(current, -1, 0)
+                + (-a_y + 2 * b_y) * at(current, 0, 1)
+                + (a_y + 2 * b_y) * at(current, 0, -1)
+            )
+            new[b, i, j, c] = rhs / lhs
         previous, current = current, new
     return current
+
 
 
 def correlate_same(x, kernel_fn, out_channels):

@@ -43,6 +43,17 @@ def _bn(x, bn):
         bn.epsilon)
 
 
+def _depthwise_map(layer, name, h0):
+    """A depth-wise coefficient map before its ReLU, from the fused conv's weights.
+
+    The layer's shared depth-wise conv has one multiplier per map (map j of
+    channel c is output channel c * n + j); each map then has its own BN.
+    """
+    j = layer.depthwise_maps.index(name)
+    kernel = _np(layer.coefficient_conv.kernel)[..., j:j + 1]
+    return _bn(ref.depthwise_conv_same(h0, kernel), layer.branches[name][0])
+
+
 # -- numerics against the NumPy reference -----------------------------------
 
 
@@ -55,10 +66,9 @@ def test_default_layer_matches_numpy(boundary, steps):
     layer.build(x.shape)
     _randomise_batchnorms(layer)
     coefficients = {}
-    for name in ("u", "v", "Dx", "Dy"):
-        conv, bn = layer.branches[name]
-        pre = _bn(ref.depthwise_conv_same(x, _np(conv.kernel)), bn)
-        coefficients[name] = np.maximum(pre, 0.0)
+    assert layer.depthwise_maps == ("u", "v", "Dx", "Dy")
+    for name in layer.depthwise_maps:
+        coefficients[name] = np.maximum(_depthwise_map(layer, name, x), 0.0)
     h = ref.solve(x, x, (coefficients["Dx"], coefficients["Dy"]),
                   (coefficients["u"], coefficients["v"]), steps, boundary=boundary)
     expected = np.maximum(_bn(h, layer.output_bn), 0.0)
@@ -291,3 +301,20 @@ def test_rejects_inputs_that_are_not_rank_4():
                "Received: input_shape=(None, 8, 4)")
     with pytest.raises(ValueError, match=re.escape(message)):
         pde_keras.GlobalLayer()(keras.Input((8, 4)))
+
+
+@pytest.mark.parametrize("options, depthwise_maps", [
+    ({"velocity": "zero"}, ("Dx", "Dy")),
+    ({"diffusivity": "constant"}, ("u", "v")),
+    ({"diffusivity": "residual", "velocity": "depthwise"}, ("u", "v")),
+])
+def test_shared_depthwise_conv_serves_each_map(options, depthwise_maps):
+    x = _inputs()
+    layer = pde_keras.GlobalLayer(**options)
+    layer.build(x.shape)
+    _randomise_batchnorms(layer)
+    assert layer.depthwise_maps == depthwise_maps
+    maps = layer.coefficient_maps(x)
+    for name in depthwise_maps:
+        np.testing.assert_allclose(_np(maps[f"{name}_pre"]), _depthwise_map(layer, name, x),
+                                   rtol=1e-4, atol=1e-5)

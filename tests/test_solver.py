@@ -22,16 +22,24 @@ import numpy as np
 import pytest
 
 BACKEND = keras.backend.backend()
+pytestmark = pytest.mark.multibackend
 
-if BACKEND == "jax":
-    # float64 tensors need x64 mode under JAX (the dtype tests and the
-    # float64 finite-difference gradient check rely on it).
-    import jax
-
-    jax.config.update("jax_enable_x64", True)
-
+import numpy_reference as ref  # noqa: E402
 import pde_keras  # noqa: E402
 from pde_keras import solver  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _float64_under_jax():
+    """float64 tensors need x64 mode under JAX (dtype and gradient tests);
+    scoped to this module's tests so other modules keep JAX's defaults."""
+    if BACKEND != "jax":
+        yield
+        return
+    import jax
+
+    with jax.enable_x64(True):
+        yield
 
 solve = solver.solve_advection_diffusion
 
@@ -44,80 +52,12 @@ SHAPE = (2, 7, 9, 3)  # non-square on purpose: catches x/y mix-ups
 # ---------------------------------------------------------------------------
 
 
-def _ghost_index(index, size, boundary):
-    """The in-range index standing for `index`, or None for a zero ghost."""
-    if 0 <= index < size:
-        return index
-    if boundary == "periodic":
-        return index % size
-    if boundary == "neumann":
-        return 0 if index < 0 else size - 1
-    if boundary == "dirichlet":
-        return None
-    raise AssertionError(boundary)
-
-
-def _value(field, b, i, j, c, boundary):
-    """field[b, i, j, c] with ghost cells beyond the spatial edges."""
-    _, height, width, _ = field.shape
-    ii = _ghost_index(i, height, boundary)
-    jj = _ghost_index(j, width, boundary)
-    if ii is None or jj is None:
-        return 0.0
-    return field[b, ii, jj, c]
-
-
-def reference_solve(source, initial, diffusivity, velocity, steps, dt=0.2,
-                    dx=1.0, dy=1.0, boundary="periodic"):
-    """Cell-by-cell float64 loop over the scheme above."""
-    f = np.asarray(source, dtype=np.float64)
-    shape = f.shape
-    full = lambda a: np.broadcast_to(np.asarray(a, dtype=np.float64), shape)
-    d_x, d_y = full(diffusivity[0]), full(diffusivity[1])
-    u, v = full(velocity[0]), full(velocity[1])
-    previous = f.copy()  # H^{-1}
-    current = np.array(initial, dtype=np.float64)  # H^0
-    for _ in range(steps):
-        new = np.empty(shape, dtype=np.float64)
-        for b, i, j, c in np.ndindex(*shape):
-            def at(field, di, dj):
-                return _value(field, b, i + di, j + dj, c, boundary)
-
-            a_x = u[b, i, j, c] * dt / dx
-            a_y = v[b, i, j, c] * dt / dy
-            b_x = d_x[b, i, j, c] * dt / dx ** 2
-            b_y = d_y[b, i, j, c] * dt / dy ** 2
-            u_x = (at(u, 1, 0) - at(u, -1, 0)) / (2 * dx)
-            v_y = (at(v, 0, 1) - at(v, 0, -1)) / (2 * dy)
-            lhs = 1 + 2 * b_x + 2 * b_y
-            m = 1 - 2 * b_x - 2 * b_y
-            rhs = (
-                m * previous[b, i, j, c]
-                - 2 * (u_x + v_y) * dt * current[b, i, j, c]
-                + 2 * dt * f[b, i, j, c]
-                + (-a_x + 2 * b_x) * at(current, 1, 0)
-                + (a_x + 2 * b_x) * at(current, -1, 0)
-                + (-a_y + 2 * b_y) * at(current, 0, 1)
-                + (a_y + 2 * b_y) * at(current, 0, -1)
-            )
-            new[b, i, j, c] = rhs / lhs
-        previous, current = current, new
-    return current
-
-
-_PAD_MODE = {"periodic": "wrap", "neumann": "edge", "dirichlet": "constant"}
+reference_solve = ref.solve
 
 
 def reference_neighbours(field, axis, boundary):
     """(next, previous) along `axis` from an explicitly ghost-padded copy."""
-    field = np.asarray(field, dtype=np.float64)
-    widths = [(0, 0)] * field.ndim
-    widths[axis] = (1, 1)
-    padded = np.pad(field, widths, mode=_PAD_MODE[boundary])
-    n = field.shape[axis]
-    following = np.take(padded, np.arange(2, n + 2), axis=axis)
-    preceding = np.take(padded, np.arange(0, n), axis=axis)
-    return following, preceding
+    return ref.shift(field, axis, +1, boundary), ref.shift(field, axis, -1, boundary)
 
 
 # ---------------------------------------------------------------------------
@@ -378,14 +318,24 @@ def test_central_difference(boundary, axis):
     field = np.random.default_rng(10).standard_normal(SHAPE).astype(np.float32)
     spacing = 0.5
     out = to_numpy(solver.central_difference(field, axis, spacing, boundary))
-    widths = [(0, 0)] * 4
-    widths[axis] = (1, 1)
-    padded = np.pad(field.astype(np.float64), widths, mode=_PAD_MODE[boundary])
-    n = field.shape[axis]
-    forward = np.take(padded, np.arange(2, n + 2), axis=axis)
-    backward = np.take(padded, np.arange(0, n), axis=axis)
+    forward, backward = reference_neighbours(field, axis, boundary)
     expected = (forward - backward) / (2 * spacing)
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("boundary", BOUNDARIES)
+def test_perona_malik_diffusivity_matches_sobel_reference(boundary):
+    import numpy_reference as ref
+
+    field = np.random.default_rng(11).standard_normal(SHAPE).astype(np.float32)
+    g_x, g_y = ref.sobel(field, boundary)
+    expected = 1.0 / (1.0 + (g_x**2 + g_y**2) / 1.5**2)
+    out = to_numpy(solver.perona_malik_diffusivity(field, 1.5, boundary))
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=re.escape(
+            "Invalid value for argument `perona_malik_lambda`: expected a positive "
+            "finite number. Received: perona_malik_lambda=0")):
+        solver.perona_malik_diffusivity(field, 0, boundary)
 
 
 # ---------------------------------------------------------------------------

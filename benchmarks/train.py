@@ -1,0 +1,108 @@
+"""Training throughput and inference latency of the CIFAR models.
+
+    python -m benchmarks.train [--jit_compile] [--output=train.json]
+
+Measures, in one process and interleaved (one round times every model in
+turn), training images/s of `model.train_on_batch` (SGD, batch 128,
+synthetic CIFAR-shaped data, after warm-up; median over rounds) and
+inference latency of `model.predict_on_batch` at batch 1 and 128, for
+resnet32, resnet32_4stage and resnet32_global with K=1 and K=5. Prints a
+table with ratios to resnet32.
+"""
+
+import os
+import platform
+
+from absl import app, flags
+
+import keras
+import numpy as np
+
+import pde_keras
+from benchmarks import timing
+
+FLAGS = flags.FLAGS
+
+# name -> (factory name, options)
+MODELS = {
+    "resnet32": ("resnet32", {}),
+    "resnet32_4stage": ("resnet32_4stage", {}),
+    "resnet32_global_K1": ("resnet32_global", {"steps": 1}),
+    "resnet32_global_K5": ("resnet32_global", {"steps": 5}),
+}
+
+
+def define_flags():
+    flags.DEFINE_integer("batch_size", 128, "Training batch size.", lower_bound=1)
+    flags.DEFINE_integer("rounds", 5, "Interleaved timing rounds; the median is reported.",
+                         lower_bound=1)
+    flags.DEFINE_integer("steps_per_round", 2, "Training steps timed per model and round.",
+                         lower_bound=1)
+    flags.DEFINE_integer("warmup", 2, "Untimed training steps of each model first.",
+                         lower_bound=1)
+    flags.DEFINE_multi_enum("models", list(MODELS), list(MODELS), "Models to measure.")
+    flags.DEFINE_boolean("jit_compile", False, "Compile training and inference with XLA.")
+    flags.DEFINE_string("output", None, "Also write the results as JSON to this path.")
+
+
+def _build(name, jit_compile):
+    factory, options = MODELS[name]
+    model = pde_keras.models.create(factory, num_classes=10, **options)
+    model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9, nesterov=True),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  jit_compile=jit_compile)
+    return model
+
+
+def run(names, batch_size, rounds, steps_per_round, warmup, jit_compile):
+    """Returns {model: {"train_images_per_s", "latency_ms_batch1", ...}}."""
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(batch_size, 32, 32, 3)).astype("float32")
+    labels = rng.integers(0, 10, size=batch_size)
+    models = {name: _build(name, jit_compile) for name in names}
+    train = {name: (lambda m=m: m.train_on_batch(images, labels)) for name, m in models.items()}
+    seconds = timing.measure(train, rounds, warmup, repeats=steps_per_round)
+    results = {name: {"train_images_per_s": batch_size / t} for name, t in seconds.items()}
+    for batch in (1, 128):
+        x = images[:1] if batch == 1 else np.resize(images, (128, 32, 32, 3))
+        infer = {name: (lambda m=m: m.predict_on_batch(x)) for name, m in models.items()}
+        for name, t in timing.measure(infer, rounds, 2, repeats=3).items():
+            results[name][f"latency_ms_batch{batch}"] = t * 1e3
+    base = results.get("resnet32")
+    for name, r in results.items():
+        if base:
+            r["train_speedup_vs_resnet32"] = r["train_images_per_s"] / base["train_images_per_s"]
+            for batch in (1, 128):
+                r[f"latency_ratio_batch{batch}_vs_resnet32"] = (
+                    r[f"latency_ms_batch{batch}"] / base[f"latency_ms_batch{batch}"])
+        r["trainable_params"] = int(sum(np.prod(w.shape) for w in models[name].trainable_weights))
+    return results
+
+
+def main(argv):
+    del argv
+    results = run(FLAGS.models, FLAGS.batch_size, FLAGS.rounds, FLAGS.steps_per_round,
+                  FLAGS.warmup, FLAGS.jit_compile)
+    print(f"backend={keras.backend.backend()} jit_compile={FLAGS.jit_compile} "
+          f"batch_size={FLAGS.batch_size} cpus={os.cpu_count()}")
+    header = (f"{'model':<20} {'params':>8} {'train img/s':>12} {'x resnet32':>10} "
+              f"{'lat b1 ms':>10} {'x resnet32':>10} {'lat b128 ms':>12} {'x resnet32':>10}")
+    print(header)
+    for name, r in results.items():
+        print(f"{name:<20} {r['trainable_params']:>8} {r['train_images_per_s']:>12.1f} "
+              f"{r.get('train_speedup_vs_resnet32', float('nan')):>10.2f} "
+              f"{r['latency_ms_batch1']:>10.2f} "
+              f"{r.get('latency_ratio_batch1_vs_resnet32', float('nan')):>10.2f} "
+              f"{r['latency_ms_batch128']:>12.1f} "
+              f"{r.get('latency_ratio_batch128_vs_resnet32', float('nan')):>10.2f}")
+    if FLAGS.output:
+        record = {"backend": keras.backend.backend(), "jit_compile": FLAGS.jit_compile,
+                  "batch_size": FLAGS.batch_size, "machine": platform.machine(),
+                  "cpus": os.cpu_count(), "pde_keras_version": pde_keras.__version__,
+                  "models": results}
+        timing.write_json(FLAGS.output, record)
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)

@@ -10,9 +10,12 @@ Flags: `python -m experiments.cifar --helpfull`; library:
 `pde_keras.training.train_and_evaluate`.
 """
 
+from absl import flags
+
 from experiments import flags as runner_flags
 
 runner_flags.define_flags("cifar")
+flags.adopt_module_key_flags(runner_flags)  # --help lists them.
 
 
 def main(argv):

@@ -14,15 +14,16 @@ import sys
 
 from absl import app, flags, logging
 
-from pde_keras import data, global_layer, solver, training, validation
+from pde_keras import advection_diffusion, data, global_layer, models, solver, training
+from pde_keras import validation
 
 FLAGS = flags.FLAGS
 RUNNERS = ("mnist", "cifar")
-MNIST_BACKBONES = ("conv", "residual", "pde")
-CIFAR_MODELS = ("resnet32", "resnet32_4stage", "resnet32_global", "resnet56",
-                "resnet56_global")
-# Flags passed to pde_keras.models.create when set (default None: the
-# model's own default). PDE options apply to the PDE models only.
+MNIST_BACKBONES = tuple(n[len("mnist_"):] for n in models.names() if n.startswith("mnist_"))
+CIFAR_MODELS = tuple(n for n in models.names() if not n.startswith("mnist_"))
+# Flags passed to pde_keras.models.create when defined and set (default None:
+# the model's own default). PDE options apply to the PDE models only; the
+# MNIST runner has no --velocity and --init (mnist_pde's velocity is its g).
 MODEL_OPTION_FLAGS = (
     "diffusivity", "velocity", "init", "steps", "dt", "dx", "dy", "boundary",
     "diffusivity_constant", "perona_malik_lambda", "kernel_initializer",
@@ -59,17 +60,18 @@ def define_flags(runner):
             "model", "resnet32_global", CIFAR_MODELS, "Model (pde_keras.models name).")
         flags.DEFINE_enum("dataset", "cifar10", ("cifar10", "cifar100"), "Dataset.")
 
-    # PDE layer options (GlobalLayer; for mnist_pde, its AdvectionDiffusion).
+    # PDE layer options: GlobalLayer's (CIFAR), AdvectionDiffusion's (mnist_pde).
     model_default = "Default: the model's own."
     flags.DEFINE_enum(
-        "diffusivity", None, global_layer.DIFFUSIVITIES,
-        "How the PDE layers make the diffusivity D (mnist_pde: constant or "
-        f"perona_malik). {model_default}")
-    flags.DEFINE_enum(
-        "velocity", None, global_layer.VELOCITIES,
-        f"How the Global layers make the velocity (u, v). {model_default}")
-    flags.DEFINE_enum(
-        "init", None, global_layer.INITS, f"H^0 of the Global layers. {model_default}")
+        "diffusivity", None,
+        advection_diffusion.DIFFUSIVITIES if mnist else global_layer.DIFFUSIVITIES,
+        f"How the PDE layers make the diffusivity D. {model_default}")
+    if not mnist:
+        flags.DEFINE_enum(
+            "velocity", None, global_layer.VELOCITIES,
+            f"How the Global layers make the velocity (u, v). {model_default}")
+        flags.DEFINE_enum(
+            "init", None, global_layer.INITS, f"H^0 of the Global layers. {model_default}")
     flags.DEFINE_integer("steps", None, f"PDE solver steps K. {model_default}")
     flags.DEFINE_float("dt", None, f"PDE time step. {model_default}")
     flags.DEFINE_float("dx", None, f"PDE grid spacing along the height. {model_default}")
@@ -167,7 +169,7 @@ def config_from_flags(runner):
     else:
         model, options = FLAGS.model, {}
     for name in MODEL_OPTION_FLAGS:
-        if FLAGS[name].value is not None:
+        if name in FLAGS and FLAGS[name].value is not None:
             options[name] = FLAGS[name].value
     try:
         milestones = tuple(float(m) for m in FLAGS.step_milestones)

@@ -8,9 +8,12 @@ Flags: `python -m experiments.mnist --helpfull`; library:
 `pde_keras.training.train_and_evaluate`.
 """
 
+from absl import flags
+
 from experiments import flags as runner_flags
 
 runner_flags.define_flags("mnist")
+flags.adopt_module_key_flags(runner_flags)  # --help lists them.
 
 
 def main(argv):

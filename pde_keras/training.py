@@ -163,7 +163,7 @@ class Config:
                 "model_options", "a dict of keyword options", self.model_options)
         data.resolve_source(self.dataset, self.data_source, self.data_dir)
         for name in ("train_examples", "test_examples", "warmup_epochs", "seed"):
-            _check_non_negative_int(name, getattr(self, name))
+            validation.check_int(name, getattr(self, name), minimum=0)
         for name in ("epochs", "batch_size", "eval_batch_size"):
             validation.check_positive_int(name, getattr(self, name))
         validation.check_float("learning_rate", self.learning_rate, positive=True)
@@ -584,11 +584,6 @@ def _fit_verbosity(verbose):
     if verbose == "auto":
         return 1 if sys.stdout.isatty() else 2
     return verbose
-
-
-def _check_non_negative_int(name, value):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
-        raise validation.invalid(name, "an integer >= 0", value)
 
 
 def _model_names():

@@ -250,11 +250,27 @@ def train_and_evaluate(config, workdir, callbacks=()):
         augmentation = "none" if config.dataset == "mnist" else "crop_flip"
 
     with _runtime(config) as replicas:
+        # Distributed batches must split evenly over the devices (JAX sharding;
+        # Keras' MirroredStrategy evaluation fails on uneven splits): training
+        # drops the last partial batch, evaluation pads it with weight-0 examples.
+        for name in ("batch_size", "eval_batch_size"):
+            if getattr(config, name) % replicas:
+                raise validation.invalid(
+                    name, f"a multiple of the {replicas} devices of "
+                    f"distribution={config.distribution!r}", getattr(config, name))
+        if replicas > 1 and len(train[1]) < config.batch_size:
+            raise validation.invalid(
+                "batch_size", f"at most the {len(train[1])} training examples when "
+                "distributed (partial batches are dropped)", config.batch_size)
+        train_data = make_dataset(*train, config.batch_size, augmentation=augmentation,
+                                  seed=config.seed, drop_remainder=replicas > 1)
+        test_data = make_dataset(*test, config.eval_batch_size, pad_to=replicas)
+        steps_per_epoch = int(train_data.cardinality())
+
         core = pde_keras.models.create(
             config.model, **{"num_classes": dataset.info.num_classes, **config.model_options})
         model = build_classifier(core, dataset.info.image_shape, mean, std)
         _apply_weight_decay(model, config)
-        steps_per_epoch = math.ceil(len(train[1]) / config.batch_size)
         model.compile(
             optimizer=keras.optimizers.SGD(
                 learning_rate=make_schedule(config, steps_per_epoch),
@@ -269,18 +285,6 @@ def train_and_evaluate(config, workdir, callbacks=()):
             ],
             jit_compile=config.jit_compile,
         )
-        # Distributed batches must split evenly over the devices (JAX sharding;
-        # Keras' MirroredStrategy evaluation fails on uneven splits): training
-        # drops the last partial batch, evaluation pads it with weight-0 examples.
-        shards = replicas
-        for name in ("batch_size", "eval_batch_size"):
-            if getattr(config, name) % shards:
-                raise validation.invalid(
-                    name, f"a multiple of the {shards} devices of "
-                    f"distribution={config.distribution!r}", getattr(config, name))
-        train_data = make_dataset(*train, config.batch_size, augmentation=augmentation,
-                                  seed=config.seed, drop_remainder=shards > 1)
-        test_data = make_dataset(*test, config.eval_batch_size, pad_to=shards)
         backup = _BackupAndRestore(str(workdir / "backup"), double_checkpoint=True)
         history = model.fit(
             train_data, epochs=config.epochs, validation_data=test_data,

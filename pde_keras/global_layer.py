@@ -85,7 +85,7 @@ class GlobalLayer(keras.layers.Layer):
     >>> inputs = keras.Input((32, 32, 16))
     >>> outputs = pde_keras.GlobalLayer(steps=5, diffusivity="perona_malik")(inputs)
     >>> model = keras.Model(inputs, outputs)
-    >>> model(np.zeros((2, 32, 32, 16), "float32")).shape
+    >>> tuple(model(np.zeros((2, 32, 32, 16), "float32")).shape)
     (2, 32, 32, 16)
     >>> maps = model.layers[-1].coefficient_maps(np.ones((1, 32, 32, 16), "float32"))
     >>> sorted(maps)[:4]

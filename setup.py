@@ -22,11 +22,15 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["pde_keras*", "experiments*", "visualize*", "benchmarks*"]),
     include_package_data=True,
+    # MNIST (CC BY-SA 3.0, see pde_keras/datasets/mnist/README.md) for offline runs.
+    package_data={"pde_keras": ["datasets/mnist/*.gz", "datasets/mnist/README.md"]},
     install_requires=[
         "tensorflow>=2.16",
         "keras>=3.15",
         "numpy>=1.26",
         "absl-py>=2.0",
+        "tensorflow-datasets>=4.9",
+        "tensorboard>=2.16",  # keras.callbacks.TensorBoard; TensorFlow 2.21 no longer pulls it in
         "matplotlib>=3.7",
     ],
     extras_require={

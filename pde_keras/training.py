@@ -1,0 +1,590 @@
+"""Training library: `train_and_evaluate(config, workdir)`.
+
+The runners (`python -m experiments.mnist`, `python -m experiments.cifar`)
+and the tests call this one function. It loads the data (`pde_keras.data`),
+builds `pde_keras.models.create(config.model, **config.model_options)`
+behind a per-channel normalisation, trains it with SGD (momentum 0.9,
+Nesterov) under a learning-rate schedule, evaluates it on the test split
+and writes into `workdir`:
+
+- `config.json`: the configuration (written at the start);
+- `log.csv`: one row per epoch (`keras.callbacks.CSVLogger`, appended to
+  when a run resumes);
+- `tensorboard/`: TensorBoard event files;
+- `last.keras` (after every epoch) and `best.keras` (best `val_accuracy`);
+  both take raw pixel values 0-255 (the normalisation is inside);
+- `backup/`: `keras.callbacks.BackupAndRestore` state, deleted when the run
+  finishes. Re-running the same command after a kill resumes from the last
+  completed epoch. When the loss turns NaN, training stops
+  (`keras.callbacks.TerminateOnNaN`), the backup of the last good epoch is
+  kept and `TrainingDivergedError` is raised;
+- `results.json`: test accuracy and loss, parameters, MACs, wall time,
+  epochs, the full config and the package version (written atomically).
+
+The "validation" metrics of the logs and of `best.keras` are measured on
+the test split (there is no separate validation split, as in the paper);
+`results.json` reports the final model's test accuracy and, separately,
+the best per-epoch test accuracy.
+
+Optimisation:
+
+- Weight decay is PyTorch's (the authors' code): an L2 penalty whose
+  gradient `weight_decay * w` is added to the gradient of every trainable
+  variable (BN scales and biases included) and goes through the momentum.
+  It is implemented as a `keras.regularizers.L2(weight_decay / 2)` on every
+  trainable variable, so the logged training `loss` includes the penalty
+  (the `cross_entropy` metric does not). `decoupled_weight_decay=True` uses
+  Keras' own `SGD(weight_decay=...)` instead, which is decoupled (AdamW
+  style, `w -= lr * weight_decay * w` outside the momentum).
+- Schedules, stepped every batch: `"cosine"` (`keras.optimizers.schedules.
+  CosineDecay` to 0 over all epochs, as the report), with an optional
+  linear warm-up over `warmup_epochs`; `"step"` (the authors' code:
+  `MultiStepLR`, the rate multiplied by `step_factor` at the epochs
+  `step_milestones * epochs`, by default x0.1 at 50% and 75% of training,
+  i.e. epochs 150 and 225 of 300; `step_milestones=(0.3, 0.6, 0.8),
+  step_factor=0.2` gives the classic x0.2 at 60/120/160 of 200); and
+  `"constant"`.
+- Augmentation, in the `tf.data` input pipeline, per image: `"crop_flip"`
+  (4-pixel zero padding, random 32x32 crop, random horizontal flip: the
+  CIFAR default), `"crop"`, or `"none"` (the MNIST default: flipping digits
+  is wrong). Randomness is seeded (stateless ops).
+"""
+
+import contextlib
+import csv
+import dataclasses
+import json
+import math
+import numbers
+import os
+import pathlib
+import sys
+import tempfile
+import time
+
+import keras
+import numpy as np
+
+import pde_keras
+from pde_keras import data, validation
+
+SCHEDULES = ("cosine", "step", "constant")
+AUGMENTATIONS = ("auto", "none", "crop", "crop_flip")
+DISTRIBUTIONS = ("none", "mirrored", "data_parallel")
+PAD = 4
+# Config fields that must match for a run to resume from a workdir's backup.
+_RESUME_FIELDS = ("dataset", "model", "model_options")
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss became NaN or infinite; the last good backup was kept."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Everything `train_and_evaluate` needs; checked on construction.
+
+    Attributes:
+        dataset: `"mnist"`, `"cifar10"` or `"cifar100"`.
+        model: a `pde_keras.models.names()` entry.
+        model_options: keyword options for `pde_keras.models.create`
+            (`num_classes` is added from the dataset).
+        data_source: a `pde_keras.data.SOURCES` entry (`"auto"`: local if
+            `data_dir` is set, else bundled MNIST / tfds CIFAR).
+        data_dir: local data directory, or tfds' data directory.
+        download: let tfds download a dataset missing from `data_dir`.
+        train_examples: use this many training examples, a seeded random
+            subset (0: all).
+        test_examples: likewise for the test split (0: all).
+        epochs: epochs to train.
+        batch_size: global training batch size (split over the devices).
+        eval_batch_size: batch size of evaluation.
+        learning_rate: peak learning rate.
+        momentum: SGD momentum.
+        nesterov: Nesterov momentum.
+        weight_decay: L2 weight decay (see the module docstring).
+        decoupled_weight_decay: use Keras' decoupled weight decay instead.
+        schedule: `"cosine"`, `"step"` or `"constant"`.
+        warmup_epochs: linear warm-up epochs (cosine schedule only).
+        step_milestones: fractions of `epochs` at which the step schedule
+            multiplies the rate by `step_factor` (increasing, in (0, 1)).
+        step_factor: the step schedule's factor.
+        augmentation: `"auto"` (crop_flip for CIFAR, none for MNIST),
+            `"none"`, `"crop"` or `"crop_flip"`.
+        seed: seeds Python, NumPy, the backend, the subsets and the input
+            pipeline.
+        deterministic: also make TensorFlow ops deterministic
+            (`tf.config.experimental.enable_op_determinism`; TF backend).
+        mixed_precision: train under the `"mixed_float16"` policy.
+        jit_compile: `"auto"`, True or False (`Model.compile`).
+        distribution: `"none"`, `"mirrored"` (`tf.distribute.
+            MirroredStrategy` over all local GPUs, else all logical CPUs;
+            TF backend) or `"data_parallel"` (`keras.distribution.
+            DataParallel` over `keras.distribution.list_devices()`; JAX
+            backend).
+        verbose: `Model.fit` verbosity: 0 silent, 1 progress bar, 2 one line
+            per epoch, `"auto"` 1 on a terminal and 2 otherwise.
+    """
+
+    dataset: str = "mnist"
+    model: str = "mnist_pde"
+    model_options: dict = dataclasses.field(default_factory=dict)
+    data_source: str = "auto"
+    data_dir: str | None = None
+    download: bool = True
+    train_examples: int = 0
+    test_examples: int = 0
+    epochs: int = 1
+    batch_size: int = 32
+    eval_batch_size: int = 256
+    learning_rate: float = 0.01
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-5
+    decoupled_weight_decay: bool = False
+    schedule: str = "cosine"
+    warmup_epochs: int = 0
+    step_milestones: tuple = (0.5, 0.75)
+    step_factor: float = 0.1
+    augmentation: str = "auto"
+    seed: int = 0
+    deterministic: bool = False
+    mixed_precision: bool = False
+    jit_compile: bool | str = "auto"
+    distribution: str = "none"
+    verbose: int | str = "auto"
+
+    def __post_init__(self):
+        validation.check_choice("dataset", self.dataset, data.DATASETS)
+        validation.check_choice("model", self.model, _model_names())
+        if not isinstance(self.model_options, dict) or not all(
+                isinstance(key, str) for key in self.model_options):
+            raise validation.invalid(
+                "model_options", "a dict of keyword options", self.model_options)
+        data.resolve_source(self.dataset, self.data_source, self.data_dir)
+        for name in ("train_examples", "test_examples", "warmup_epochs", "seed"):
+            validation.check_int(name, getattr(self, name), minimum=0)
+        for name in ("epochs", "batch_size", "eval_batch_size"):
+            validation.check_positive_int(name, getattr(self, name))
+        validation.check_float("learning_rate", self.learning_rate, positive=True)
+        validation.check_float("momentum", self.momentum, non_negative=True, below_one=True)
+        validation.check_float("weight_decay", self.weight_decay, non_negative=True)
+        validation.check_float("step_factor", self.step_factor, positive=True)
+        for name in ("download", "nesterov", "decoupled_weight_decay", "deterministic",
+                     "mixed_precision"):
+            if not isinstance(getattr(self, name), bool):
+                raise validation.invalid(name, "True or False", getattr(self, name))
+        validation.check_choice("schedule", self.schedule, SCHEDULES)
+        validation.check_choice("augmentation", self.augmentation, AUGMENTATIONS)
+        validation.check_choice("distribution", self.distribution, DISTRIBUTIONS)
+        if self.jit_compile not in ("auto", True, False):
+            raise validation.invalid("jit_compile", "'auto', True or False", self.jit_compile)
+        if self.verbose not in ("auto", 0, 1, 2):
+            raise validation.invalid("verbose", "'auto', 0, 1 or 2", self.verbose)
+        milestones = self.step_milestones
+        if (not isinstance(milestones, (tuple, list))
+                or not all(isinstance(m, numbers.Real) and 0 < m < 1 for m in milestones)
+                or list(milestones) != sorted(set(milestones))):
+            raise validation.invalid(
+                "step_milestones", "increasing fractions of the epochs in (0, 1)",
+                milestones)
+        object.__setattr__(self, "step_milestones", tuple(float(m) for m in milestones))
+        if self.warmup_epochs and self.schedule != "cosine":
+            raise validation.invalid(
+                "warmup_epochs", f"0 with schedule={self.schedule!r} (warm-up is "
+                "part of the cosine schedule)", self.warmup_epochs)
+        if self.warmup_epochs >= self.epochs:
+            raise validation.invalid(
+                "warmup_epochs", f"fewer than epochs={self.epochs}", self.warmup_epochs)
+        backend = keras.backend.backend()
+        needs = {"mirrored": "tensorflow", "data_parallel": "jax"}.get(self.distribution)
+        if needs and backend != needs:
+            raise validation.invalid(
+                "distribution", f"'none' or the {needs} backend's "
+                f"{self.distribution!r} (the backend is {backend})", self.distribution)
+
+    def to_json(self):
+        """The config as a JSON-serialisable dict (options passed through `repr`
+        when not JSON types)."""
+        return json.loads(json.dumps(dataclasses.asdict(self), default=repr))
+
+
+def train_and_evaluate(config, workdir, callbacks=()):
+    """Trains `config.model` on `config.dataset`, evaluates it, writes results.
+
+    Args:
+        config: a `Config`.
+        workdir: output directory (created). Re-running with the same
+            `workdir` after an interruption resumes from its backup.
+        callbacks: extra `keras.callbacks.Callback`s for `Model.fit`.
+
+    Returns:
+        The dict written to `workdir/results.json`.
+
+    Raises:
+        ValueError: invalid options (including the model's), or a workdir
+            whose backup belongs to another dataset/model.
+        pde_keras.data.DataError: missing or unreadable data.
+        TrainingDivergedError: the loss became NaN or infinite.
+    """
+    start = time.time()
+    if not isinstance(config, Config):
+        raise validation.invalid("config", "a pde_keras.training.Config", config)
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    initial_epoch = _check_resume(config, workdir)
+    write_json(workdir / "config.json", config.to_json())
+
+    dataset = data.load(
+        config.dataset, config.data_source, config.data_dir, download=config.download,
+        synthetic_sizes=(config.train_examples or 2048, config.test_examples or 512),
+    )
+    rng = np.random.default_rng(config.seed)
+    train = _subset(dataset.train_images, dataset.train_labels, config.train_examples,
+                    "train_examples", rng)
+    test = _subset(dataset.test_images, dataset.test_labels, config.test_examples,
+                   "test_examples", rng)
+    mean, std = channel_stats(train[0])
+    augmentation = config.augmentation
+    if augmentation == "auto":
+        augmentation = "none" if config.dataset == "mnist" else "crop_flip"
+
+    with _runtime(config) as replicas:
+        core = pde_keras.models.create(
+            config.model, **{"num_classes": dataset.info.num_classes, **config.model_options})
+        model = build_classifier(core, dataset.info.image_shape, mean, std)
+        _apply_weight_decay(model, config)
+        steps_per_epoch = math.ceil(len(train[1]) / config.batch_size)
+        model.compile(
+            optimizer=keras.optimizers.SGD(
+                learning_rate=make_schedule(config, steps_per_epoch),
+                momentum=config.momentum, nesterov=config.nesterov,
+                weight_decay=config.weight_decay if config.decoupled_weight_decay else None),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            # Weighted: the padding make_dataset adds has sample weight 0.
+            weighted_metrics=[
+                keras.metrics.SparseCategoricalAccuracy(name="accuracy"),
+                keras.metrics.SparseCategoricalCrossentropy(
+                    from_logits=True, name="cross_entropy"),
+            ],
+            jit_compile=config.jit_compile,
+        )
+        # Distributed batches must split evenly over the devices (JAX sharding;
+        # Keras' MirroredStrategy evaluation fails on uneven splits): training
+        # drops the last partial batch, evaluation pads it with weight-0 examples.
+        shards = replicas
+        for name in ("batch_size", "eval_batch_size"):
+            if getattr(config, name) % shards:
+                raise validation.invalid(
+                    name, f"a multiple of the {shards} devices of "
+                    f"distribution={config.distribution!r}", getattr(config, name))
+        train_data = make_dataset(*train, config.batch_size, augmentation=augmentation,
+                                  seed=config.seed, drop_remainder=shards > 1)
+        test_data = make_dataset(*test, config.eval_batch_size, pad_to=shards)
+        backup = _BackupAndRestore(str(workdir / "backup"), double_checkpoint=True)
+        history = model.fit(
+            train_data, epochs=config.epochs, validation_data=test_data,
+            callbacks=_callbacks(workdir, initial_epoch) + list(callbacks) + [backup],
+            verbose=_fit_verbosity(config.verbose),
+            shuffle=False,  # make_dataset shuffles
+        )
+        if backup.diverged is not None:
+            raise TrainingDivergedError(
+                f"Training diverged: the loss became {backup.diverged[1]} in epoch "
+                f"{backup.diverged[0] + 1}; the backup of the last good epoch is kept in "
+                f"{str(workdir / 'backup')!r} (re-running resumes from it; lower "
+                "learning_rate first).")
+        if history.epoch:  # The last epoch's validation evaluated the final model.
+            test_metrics = {name: history.history[f"val_{name}"][-1]
+                            for name in ("accuracy", "cross_entropy")}
+        else:  # Resumed after the last epoch: nothing trained, evaluate.
+            test_metrics = model.evaluate(test_data, return_dict=True, verbose=0)
+
+    epochs_done = max((epoch + 1 for epoch in history.epoch), default=initial_epoch)
+    best_accuracy, best_epoch = _best_epoch(workdir / "log.csv")
+    if best_accuracy is None:  # No epoch logged (e.g. resumed after the last one).
+        best_accuracy, best_epoch = float(test_metrics["accuracy"]), epochs_done
+    macs = pde_keras.count_macs(core)
+    results = {
+        "dataset": config.dataset,
+        "model": config.model,
+        "test_accuracy": float(test_metrics["accuracy"]),
+        "test_loss": float(test_metrics["cross_entropy"]),
+        "best_test_accuracy": best_accuracy,
+        "best_epoch": best_epoch,
+        "trainable_params": int(sum(math.prod(v.shape) for v in core.trainable_variables)),
+        "macs": {"paper": int(macs["paper"]), "total": int(macs["total"])},
+        "wall_time_s": round(time.time() - start, 2),
+        "epochs": epochs_done,
+        "resumed_from_epoch": initial_epoch,
+        "train_examples": int(len(train[1])),
+        "test_examples": int(len(test[1])),
+        "replicas": replicas,
+        "data": {"source": dataset.info.source, "location": dataset.info.location},
+        "normalization": {"mean": mean.tolist(), "std": std.tolist()},
+        "augmentation": augmentation,
+        "checkpoints": {"last": str(workdir / "last.keras"),
+                        "best": str(workdir / "best.keras")},
+        "config": config.to_json(),
+        "version": pde_keras.__version__,
+        "keras_version": keras.__version__,
+        "backend": keras.backend.backend(),
+    }
+    write_json(workdir / "results.json", results)
+    return results
+
+
+# ------------------------------------------------------------- model pieces
+
+
+def build_classifier(core, image_shape, mean, std):
+    """Wraps `core` (normalised images -> logits) to take raw pixels 0-255.
+
+    Returns a functional model: per-channel `Normalization(mean, std**2)`,
+    `core`, then the logits cast to float32 (for mixed precision).
+    """
+    inputs = keras.Input(image_shape, name="pixels")
+    x = keras.layers.Normalization(
+        mean=np.asarray(mean), variance=np.square(std), name="normalize")(inputs)
+    logits = keras.layers.Activation("linear", dtype="float32", name="logits")(core(x))
+    return keras.Model(inputs, logits, name=f"{core.name}_classifier")
+
+
+def make_schedule(config, steps_per_epoch):
+    """The learning rate (a schedule or a float) for `config`, per batch."""
+    rate = config.learning_rate
+    total = config.epochs * steps_per_epoch
+    if config.schedule == "cosine":
+        warmup = config.warmup_epochs * steps_per_epoch
+        if warmup:
+            return keras.optimizers.schedules.CosineDecay(
+                0.0, decay_steps=total - warmup, warmup_target=rate, warmup_steps=warmup)
+        return keras.optimizers.schedules.CosineDecay(rate, decay_steps=total)
+    if config.schedule == "step":
+        # Epoch e (0-based) uses rate * factor^(milestones passed); the
+        # schedule changes value after step `boundary`, so the first step of
+        # a milestone epoch is epoch * steps_per_epoch = boundary + 1.
+        epochs = [max(1, round(m * config.epochs)) for m in config.step_milestones]
+        return keras.optimizers.schedules.PiecewiseConstantDecay(
+            boundaries=[e * steps_per_epoch - 1 for e in epochs],
+            values=[rate * config.step_factor**i for i in range(len(epochs) + 1)])
+    return rate
+
+
+def _apply_weight_decay(model, config):
+    """PyTorch-style (coupled) L2 on every trainable variable, unless decoupled."""
+    if config.weight_decay and not config.decoupled_weight_decay:
+        regularizer = keras.regularizers.L2(config.weight_decay / 2)
+        for variable in model.trainable_variables:
+            variable.regularizer = regularizer
+
+
+# --------------------------------------------------------------------- data
+
+
+def channel_stats(images):
+    """Per-channel mean and standard deviation of uint8 NHWC `images`.
+
+    Exact (from per-channel histograms), without a float copy of the data.
+    """
+    values = np.arange(256, dtype=np.float64)
+    counts = np.stack([
+        np.bincount(images[..., c].ravel(), minlength=256) for c in range(images.shape[-1])
+    ]).astype(np.float64)
+    total = counts.sum(axis=1)
+    mean = counts @ values / total
+    variance = counts @ values**2 / total - mean**2
+    return mean, np.sqrt(np.maximum(variance, 0.0))
+
+
+def make_dataset(images, labels, batch_size, *, augmentation="none", seed=None,
+                 drop_remainder=False, pad_to=1):
+    """A batched `tf.data.Dataset` of (float32 pixels 0-255, int64 labels).
+
+    With `seed` (training) the examples are shuffled every epoch and
+    augmented per image: `"crop"` pads 4 zero pixels and crops back at a
+    random offset, `"crop_flip"` also flips left-right with probability 1/2.
+    Without `seed` (evaluation), the order is kept and nothing is random.
+    With `pad_to` > 1, zero images are appended until the count is a
+    multiple of `pad_to`, and the elements carry a third entry, the sample
+    weight: 1 for the examples, 0 for the padding.
+    """
+    import tensorflow as tf
+
+    validation.check_choice("augmentation", augmentation, AUGMENTATIONS[1:])
+    tensors = (images, labels)
+    padding = -len(labels) % pad_to
+    if pad_to > 1:
+        weights = np.concatenate([np.ones(len(labels)), np.zeros(padding)]).astype("float32")
+        tensors = (np.concatenate([images, np.zeros((padding, *images.shape[1:]), images.dtype)]),
+                   np.concatenate([labels, np.zeros(padding, labels.dtype)]), weights)
+    dataset = tf.data.Dataset.from_tensor_slices(tensors)
+    shape = images.shape[1:]
+    if seed is not None:
+        dataset = dataset.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
+        if augmentation != "none":
+            # One stateless seed pair per image, new every epoch.
+            seeds = tf.data.Dataset.random(seed=seed + 1, rerandomize_each_iteration=True)
+            dataset = tf.data.Dataset.zip(dataset, seeds.batch(2))
+
+            def augment(example, pair):
+                image, label = example
+                crop_seed, flip_seed = tf.unstack(tf.random.split(pair, 2))
+                image = tf.pad(image, [[PAD, PAD], [PAD, PAD], [0, 0]])
+                image = tf.image.stateless_random_crop(image, shape, seed=crop_seed)
+                if augmentation == "crop_flip":
+                    image = tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
+                return image, label
+
+            dataset = dataset.map(augment, num_parallel_calls=tf.data.AUTOTUNE)
+    dataset = dataset.batch(batch_size, drop_remainder=drop_remainder).map(
+        lambda x, *rest: (tf.cast(x, tf.float32), *rest),
+        num_parallel_calls=tf.data.AUTOTUNE)
+    return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+def _subset(images, labels, count, name, rng):
+    """A seeded random subset of `count` examples (all when 0), order kept."""
+    if not count:
+        return images, labels
+    if count > len(labels):
+        raise validation.invalid(
+            name, f"0 (all) or at most {len(labels)} (the split's size)", count)
+    index = np.sort(rng.permutation(len(labels))[:count])
+    return images[index], labels[index]
+
+
+# ------------------------------------------------------- callbacks, runtime
+
+
+class _BackupAndRestore(keras.callbacks.BackupAndRestore):
+    """`BackupAndRestore` that keeps the last good backup when the loss is NaN.
+
+    `TerminateOnNaN` stops `fit` mid-epoch, but `fit` still ends the epoch
+    and the training: this skips that epoch's backup and the deletion of
+    the backup directory. `diverged` is then `(epoch, loss)`.
+    """
+
+    diverged = None
+
+    def on_epoch_end(self, epoch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            self.diverged = (epoch, float(loss))
+            return
+        super().on_epoch_end(epoch, logs)
+
+    def on_train_end(self, logs=None):
+        if self.diverged is None:
+            super().on_train_end(logs)
+
+
+def _callbacks(workdir, initial_epoch):
+    resuming = initial_epoch > 0
+    best_accuracy, _ = _best_epoch(workdir / "log.csv") if resuming else (None, None)
+    return [
+        keras.callbacks.TerminateOnNaN(),
+        keras.callbacks.CSVLogger(str(workdir / "log.csv"), append=resuming),
+        keras.callbacks.ModelCheckpoint(str(workdir / "last.keras")),
+        keras.callbacks.ModelCheckpoint(
+            str(workdir / "best.keras"), monitor="val_accuracy", mode="max",
+            save_best_only=True, initial_value_threshold=best_accuracy),
+        keras.callbacks.TensorBoard(str(workdir / "tensorboard"), write_graph=False),
+    ]
+
+
+def _check_resume(config, workdir):
+    """Returns the epoch the backup in `workdir` resumes from (0 if none).
+
+    Raises ValueError when the backup belongs to another dataset or model.
+    """
+    metadata = workdir / "backup" / "training_metadata.json"
+    if not metadata.exists():
+        return 0
+    try:
+        previous = json.loads((workdir / "config.json").read_text())
+    except (OSError, ValueError):
+        previous = {}
+    current = config.to_json()
+    for name in _RESUME_FIELDS:
+        if previous.get(name) != current[name]:
+            raise validation.invalid(
+                "workdir", f"a new directory, or the one of a run with "
+                f"{name}={previous.get(name)!r} to resume it (it holds that run's backup, "
+                f"and this run has {name}={current[name]!r})", str(workdir))
+    return int(json.loads(metadata.read_text())["epoch"])
+
+
+def _best_epoch(log_path):
+    """(best val_accuracy, its 1-based epoch) in the CSV log, or (None, None)."""
+    try:
+        with open(log_path, newline="") as f:
+            rows = [row for row in csv.DictReader(f) if row.get("val_accuracy")]
+    except OSError:
+        return None, None
+    if not rows:
+        return None, None
+    best = max(rows, key=lambda row: float(row["val_accuracy"]))
+    return float(best["val_accuracy"]), int(best["epoch"]) + 1
+
+
+@contextlib.contextmanager
+def _runtime(config):
+    """Seeds, determinism, dtype policy and distribution scope of one run.
+
+    Yields the number of replicas; restores the global dtype policy and
+    Keras distribution afterwards.
+    """
+    policy = keras.config.dtype_policy()
+    distribution = keras.distribution.distribution()
+    keras.utils.set_random_seed(config.seed)
+    if config.deterministic and keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        tf.config.experimental.enable_op_determinism()
+    if config.mixed_precision:
+        keras.config.set_dtype_policy("mixed_float16")
+    try:
+        if config.distribution == "mirrored":
+            import tensorflow as tf
+
+            devices = (tf.config.list_logical_devices("GPU")
+                       or tf.config.list_logical_devices("CPU"))
+            strategy = tf.distribute.MirroredStrategy([d.name for d in devices])
+            with strategy.scope():
+                yield strategy.num_replicas_in_sync
+        elif config.distribution == "data_parallel":
+            devices = keras.distribution.list_devices()
+            keras.distribution.set_distribution(
+                keras.distribution.DataParallel(devices=devices))
+            yield len(devices)
+        else:
+            yield 1
+    finally:
+        keras.config.set_dtype_policy(policy)
+        keras.distribution.set_distribution(distribution)
+
+
+# -------------------------------------------------------------------- misc
+
+
+def write_json(path, payload):
+    """Writes `payload` as JSON to `path` atomically (temporary file + rename)."""
+    path = pathlib.Path(path)
+    with tempfile.NamedTemporaryFile(
+            "w", dir=path.parent, prefix=f".{path.name}.", delete=False) as f:
+        json.dump(payload, f, indent=2, sort_keys=False)
+        f.write("\n")
+    os.chmod(f.name, 0o644)
+    os.replace(f.name, path)
+
+
+def _fit_verbosity(verbose):
+    """`"auto"`: a progress bar on a terminal, one line per epoch otherwise."""
+    if verbose == "auto":
+        return 1 if sys.stdout.isatty() else 2
+    return verbose
+
+
+def _model_names():
+    return pde_keras.models.names()

@@ -124,6 +124,18 @@ class Config:
             backend).
         verbose: `Model.fit` verbosity: 0 silent, 1 progress bar, 2 one line
             per epoch, `"auto"` 1 on a terminal and 2 otherwise.
+
+    Example:
+
+    >>> from pde_keras import training
+    >>> config = training.Config(dataset="cifar10", model="resnet32_global",
+    ...                          model_options={"diffusivity": "perona_malik"})
+    >>> config.batch_size, config.learning_rate, config.schedule
+    (32, 0.01, 'cosine')
+    >>> training.Config(schedule="linear")
+    Traceback (most recent call last):
+    ...
+    ValueError: Invalid value for argument `schedule`: expected one of 'cosine', 'step', 'constant'. Received: schedule='linear'
     """
 
     dataset: str = "mnist"

@@ -16,6 +16,7 @@ from absl import app, flags
 import keras
 
 import pde_keras
+from pde_keras import training
 from benchmarks import timing
 
 FLAGS = flags.FLAGS
@@ -67,7 +68,7 @@ def main(argv):
             "median_seconds": medians, "ratio_to_conv": ratios,
             "pde_keras_version": pde_keras.__version__,
         }
-        timing.write_json(FLAGS.output, record)
+        training.write_json(FLAGS.output, record)
 
 
 if __name__ == "__main__":

@@ -5,8 +5,6 @@ summarised by medians, so a noisy shared machine slows all cases alike.
 """
 
 import inspect
-import json
-import os
 import statistics
 import time
 
@@ -80,9 +78,3 @@ def measure(cases, rounds, warmup, repeats=1):
 def random_inputs(shape, seed=0):
     return np.random.default_rng(seed).normal(size=shape).astype("float32")
 
-
-def write_json(path, record):
-    """Writes `record` to `path` atomically (a temporary file, then rename)."""
-    with open(path + ".tmp", "w") as f:
-        json.dump(record, f, indent=2)
-    os.replace(path + ".tmp", path)

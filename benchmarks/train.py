@@ -19,6 +19,7 @@ import keras
 import numpy as np
 
 import pde_keras
+from pde_keras import training
 from benchmarks import timing
 
 FLAGS = flags.FLAGS
@@ -100,7 +101,7 @@ def main(argv):
                   "batch_size": FLAGS.batch_size, "machine": platform.machine(),
                   "cpus": os.cpu_count(), "pde_keras_version": pde_keras.__version__,
                   "models": results}
-        timing.write_json(FLAGS.output, record)
+        training.write_json(FLAGS.output, record)
 
 
 if __name__ == "__main__":

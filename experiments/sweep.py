@@ -196,13 +196,15 @@ def sweep(runs, log=print):
 def confusion(run):
     """The confusion matrix of `run`'s final model (`last.keras`) on its test split.
 
-    Cached in `<workdir>/confusion.json`; computed (and cached) when missing.
+    Cached in `<workdir>/confusion.json`; computed (and cached) when missing;
+    None when neither the cache nor the checkpoint exists.
     """
     path = run.workdir / CONFUSION_FILE
     try:
         return json.loads(path.read_text())["matrix"]
     except FileNotFoundError:
-        pass
+        if not (run.workdir / "last.keras").exists():
+            return None
     matrix = training.checkpoint_confusion(run.config, run.workdir / "last.keras").tolist()
     training.write_json(path, {"checkpoint": "last.keras", "split": "test", "matrix": matrix})
     return matrix
@@ -249,8 +251,9 @@ def render_table(table, runs):
                  ", ".join(map(str, epochs)) or "-",
                  f"{_mean_std(wall, 1)} min" if done else "-"]
         if mnist:
-            counts = [(m := confusion(run))[3][5] + m[5][3] for run, _ in done]
-            cells.append(_mean_std(counts, 1) if done else "-")
+            matrices = [m for run, _ in done if (m := confusion(run)) is not None]
+            counts = [m[3][5] + m[5][3] for m in matrices]
+            cells.append(_mean_std(counts, 1) if counts else "-")
         cells += [_published(row.paper_accuracy), _published(row.report_accuracy)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -275,7 +278,8 @@ def write_table(table, runs, results_dir, command):
     ]
     if table == "mnist":
         notes.append("3<->5 confusions: test images of 3 predicted as 5 plus 5 predicted as 3, "
-                     "by the final model (`last.keras`), mean over seeds.")
+                     "by the final model (`last.keras`), mean over the seeds whose "
+                     "checkpoint or confusion.json exists.")
         notes.append("Published: the paper's 1-channel accuracies (its Conv / Residual / "
                      "Global nets, 524 params); the report's Table 1.")
     else:

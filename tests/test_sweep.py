@@ -148,6 +148,12 @@ def test_tiny_sweep_skips_finished_runs_and_writes_table(tmp_path):
     assert untrained[3:5] == ["4,612", "512.0K"]
     assert untrained[6:11] == ["-", "0/2", "-", "-", "-"]
 
+    # Without checkpoint and cached confusions, the confusions are unknown.
+    (runs[0].workdir / sweep.CONFUSION_FILE).unlink()
+    (runs[0].workdir / "last.keras").unlink()
+    assert sweep.confusion(runs[0]) is None
+    assert sweep.confusion(runs[1]) is not None
+
     # A run directory with another configuration's results is an error.
     other = sweep.plan("mnist", tmp_path, rows=["conv-c1"], seeds=1, **{**TINY, "epochs": 2})
     with pytest.raises(ValueError, match="holds a run with epochs=1, this sweep plans epochs=2"):

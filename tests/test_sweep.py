@@ -181,8 +181,8 @@ def test_table_only_cifar_without_runs(tmp_path):
 @pytest.mark.parametrize("argv, line", [
     (["--table=imagenet"], "error: flag --table=imagenet: value should be one of <mnist|cifar> "
                            "(see --helpfull)"),
-    ([], "error: flag --table=None: Flag --table must have a value other than None. "
-         "(see --helpfull)"),
+    ([], "error: Invalid value for argument `table`: expected one of 'mnist', 'cifar'. "
+         "Received: table=None"),
     (["--table=mnist", "--seeds=0"], "error: flag --seeds=0: 0 is not a bound "
                                      "(see --helpfull)"),
     (["--table=mnist", "--rows=conv-c1,bogus", "--dry_run"],

@@ -247,15 +247,7 @@ def train_and_evaluate(config, workdir, callbacks=()):
     initial_epoch = _check_resume(config, workdir)
     write_json(workdir / "config.json", config.to_json())
 
-    dataset = data.load(
-        config.dataset, config.data_source, config.data_dir, download=config.download,
-        synthetic_sizes=(config.train_examples or 2048, config.test_examples or 512),
-    )
-    rng = np.random.default_rng(config.seed)
-    train = _subset(dataset.train_images, dataset.train_labels, config.train_examples,
-                    "train_examples", rng)
-    test = _subset(dataset.test_images, dataset.test_labels, config.test_examples,
-                   "test_examples", rng)
+    dataset, train, test = load_splits(config)
     mean, std = channel_stats(train[0])
     augmentation = config.augmentation
     if augmentation == "auto":
@@ -459,6 +451,39 @@ def make_dataset(images, labels, batch_size, *, augmentation="none", seed=None,
     return dataset.prefetch(tf.data.AUTOTUNE)
 
 
+def load_splits(config):
+    """The data of `config`: `(dataset, (train images, labels), (test images, labels))`.
+
+    The splits are the seeded subsets `train_and_evaluate` trains and tests on.
+    """
+    dataset = data.load(
+        config.dataset, config.data_source, config.data_dir, download=config.download,
+        synthetic_sizes=(config.train_examples or 2048, config.test_examples or 512),
+    )
+    rng = np.random.default_rng(config.seed)
+    train = _subset(dataset.train_images, dataset.train_labels, config.train_examples,
+                    "train_examples", rng)
+    test = _subset(dataset.test_images, dataset.test_labels, config.test_examples,
+                   "test_examples", rng)
+    return dataset, train, test
+
+
+def confusion_matrix(labels, predictions, num_classes):
+    """`counts[i, j]`: how many examples of class `i` were predicted as `j` (NumPy)."""
+    labels, predictions = np.asarray(labels), np.asarray(predictions)
+    counts = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(counts, (labels, predictions), 1)
+    return counts
+
+
+def checkpoint_confusion(config, checkpoint):
+    """The confusion matrix of the `.keras` `checkpoint` on `config`'s test split."""
+    dataset, _, (images, labels) = load_splits(config)
+    model = keras.saving.load_model(checkpoint)
+    logits = model.predict(make_dataset(images, labels, config.eval_batch_size), verbose=0)
+    return confusion_matrix(labels, np.argmax(logits, axis=-1), dataset.info.num_classes)
+
+
 def _subset(images, labels, count, name, rng):
     """A seeded random subset of `count` examples (all when 0), order kept."""
     if not count:
@@ -586,11 +611,15 @@ def _runtime(config):
 
 def write_json(path, payload):
     """Writes `payload` as JSON to `path` atomically (temporary file + rename)."""
+    write_text(path, json.dumps(payload, indent=2, sort_keys=False) + "\n")
+
+
+def write_text(path, text):
+    """Writes the string `text` to `path` atomically (temporary file + rename)."""
     path = pathlib.Path(path)
     with tempfile.NamedTemporaryFile(
             "w", dir=path.parent, prefix=f".{path.name}.", delete=False) as f:
-        json.dump(payload, f, indent=2, sort_keys=False)
-        f.write("\n")
+        f.write(text)
     os.chmod(f.name, 0o644)
     os.replace(f.name, path)
 

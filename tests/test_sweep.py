@@ -1,0 +1,206 @@
+"""`python -m experiments.sweep`: planning, dry runs, a tiny real sweep that skips
+finished runs, the markdown table, and one-line flag errors."""
+
+import json
+import shlex
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from absl import flags
+
+from experiments import flags as runner_flags
+from experiments import sweep, tables
+from pde_keras import training
+from test_runners import ROOT, _env, _run
+
+TINY = {"data_source": "synthetic", "train_examples": 64, "test_examples": 32, "epochs": 1}
+
+
+def _sweep(*flags, **kwargs):
+    return _run(["-m", "experiments.sweep", *flags], **kwargs)
+
+
+@pytest.fixture
+def main(capsys):
+    """`main(*flags)`: the sweep's flag parsing and main in this process; returns
+    (exit status, stdout, stderr)."""
+
+    def run(*argv):
+        status = 0
+        try:
+            runner_flags.parse_flags(["sweep", *argv])
+            sweep.main(["sweep"])
+        except SystemExit as exit:
+            status = exit.code
+        finally:
+            flags.FLAGS.unparse_flags()
+        out, err = capsys.readouterr()
+        return status, out, err
+
+    return run
+
+
+# ------------------------------------------------------------------ planning
+
+
+def test_rows_are_the_report_tables():
+    mnist = [(row.name, row.options) for row in tables.TABLES["mnist"]]
+    assert mnist == [(f"mnist_{backbone}", {"channels": channels, **diffusivity})
+                     for channels in (1, 8)
+                     for backbone, diffusivity in (("conv", {}), ("residual", {}), ("pde", {}),
+                                                   ("pde", {"diffusivity": "perona_malik"}))]
+    cifar = tables.TABLES["cifar"]
+    assert cifar[0].name == "resnet32_4stage" and cifar[0].report_accuracy == 93.92
+    assert [row.name for row in cifar[1:]] == ["resnet32_global"] * 7
+    slugs = [row.slug for row in tables.ROWS]
+    assert len(set(slugs)) == len(slugs) and all(slugs)
+
+
+def test_plan_mnist_settings(tmp_path):
+    runs = sweep.plan("mnist", tmp_path)
+    assert len(runs) == 8 * 3
+    assert [run.seed for run in runs[:4]] == [0, 1, 2, 0]
+    config = runs[0].config
+    assert (config.epochs, config.batch_size, config.learning_rate, config.momentum,
+            config.nesterov, config.weight_decay, config.schedule) == (
+        30, 128, 0.01, 0.9, True, 5e-4, "cosine")
+    assert runs[-1].workdir == tmp_path / "mnist" / "pde-pm-c8" / "seed2"
+
+
+def test_dry_run_prints_runner_commands(tmp_path, main):
+    status, out, err = main("--table=cifar", "--dry_run", "--epochs=3", "--data_dir=/data/c10",
+                            f"--results_dir={tmp_path}")
+    assert status == 0, err
+    lines = out.splitlines()
+    assert len(lines) == 8
+    assert lines[0] == (
+        "python -m experiments.cifar --model=resnet32_4stage --dataset=cifar10 --epochs=3 "
+        "--batch_size=32 --learning_rate=0.01 --weight_decay=5e-05 --schedule=cosine "
+        f"--data_dir=/data/c10 --seed=0 --model_dir={tmp_path}/cifar/resnet32/seed0")
+    assert "--velocity=residual --diffusivity=residual" in lines[3]
+    assert lines[-1].endswith(f"--model_dir={tmp_path}/cifar/global-d0/seed0")
+    assert "--diffusivity=zero" in lines[-1]
+    assert not (tmp_path / "cifar.md").exists()  # A dry run writes nothing.
+
+    lines = main("--table=mnist", "--dry_run", f"--results_dir={tmp_path}")[1].splitlines()
+    assert len(lines) == 24
+    assert lines[-1] == (
+        "python -m experiments.mnist --backbone=pde --channels=8 --diffusivity=perona_malik "
+        "--dataset=mnist --epochs=30 --batch_size=128 --learning_rate=0.01 "
+        "--weight_decay=0.0005 --schedule=cosine --seed=2 "
+        f"--model_dir={tmp_path}/mnist/pde-pm-c8/seed2")
+
+
+@pytest.mark.parametrize("table, row", [("mnist", "pde-pm-c1"), ("cifar", "global-residual-vd")])
+def test_command_builds_the_same_config(tmp_path, table, row):
+    """The printed runner command parses to the Config the sweep trains."""
+    run = sweep.plan(table, tmp_path, rows=[row], seeds=2, **TINY)[1]
+    runner = run.command[2].split(".")[1]
+    script = textwrap.dedent(f"""
+        import json, sys
+        from absl import flags
+        from experiments import {runner}, flags as runner_flags
+        flags.FLAGS({[runner, *run.command[3:]]!r})
+        print(json.dumps(runner_flags.config_from_flags({runner!r}).to_json()))
+    """)
+    process = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=_env(),
+                             capture_output=True, text=True, timeout=120)
+    assert process.returncode == 0, process.stderr[-2000:]
+    assert json.loads(process.stdout) == run.config.to_json()
+
+
+# ----------------------------------------------------------------- a real sweep
+
+
+def test_tiny_sweep_skips_finished_runs_and_writes_table(tmp_path):
+    runs = sweep.plan("mnist", tmp_path, rows=["conv-c1", "pde-c1"], seeds=2, **TINY)
+    assert len(runs) == 4
+    logs = []
+    assert sweep.sweep(runs, log=logs.append) == runs
+    mtimes = [(run.workdir / "results.json").stat().st_mtime_ns for run in runs]
+    for run in runs:
+        matrix = json.loads((run.workdir / sweep.CONFUSION_FILE).read_text())["matrix"]
+        assert sum(map(sum, matrix)) == 32
+
+    # Re-running trains nothing; an unfinished run (no results.json) trains again.
+    (runs[3].workdir / "results.json").unlink()
+    assert sweep.sweep(runs, log=logs.append) == [runs[3]]
+    assert [(run.workdir / "results.json").stat().st_mtime_ns for run in runs[:3]] == mtimes[:3]
+    assert sum("finished, skipped" in line for line in logs) == 3
+
+    # The table: every MNIST row; trained rows with mean ± std over 2 seeds.
+    all_runs = sweep.plan("mnist", tmp_path, seeds=2, **TINY)
+    path = sweep.write_table("mnist", all_runs, tmp_path, "python -m experiments.sweep")
+    text = path.read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| `")]
+    assert len(rows) == 8
+    conv = rows[0].split(" | ")
+    accuracy = [100 * json.loads((run.workdir / "results.json").read_text())["test_accuracy"]
+                for run in runs[:2]]
+    mean, std = (sum(accuracy) / 2, abs(accuracy[0] - accuracy[1]) / 2**0.5)
+    assert conv[3:7] == ["522", "14.6K", "17.0K", f"{mean:.2f} ± {std:.2f}"]
+    assert conv[7:9] == ["2/2", "1"]
+    assert conv[-2:] == ["92.01", "64.59 |"]
+    # Not trained: the factory's params and MACs, "-" for the results.
+    untrained = rows[-1].split(" | ")
+    assert untrained[3:5] == ["4,612", "512.0K"]
+    assert untrained[6:11] == ["-", "0/2", "-", "-", "-"]
+
+    # Without checkpoint and cached confusions, the confusions are unknown.
+    (runs[0].workdir / sweep.CONFUSION_FILE).unlink()
+    (runs[0].workdir / "last.keras").unlink()
+    assert sweep.confusion(runs[0]) is None
+    assert sweep.confusion(runs[1]) is not None
+
+    # A run directory with another configuration's results is an error.
+    other = sweep.plan("mnist", tmp_path, rows=["conv-c1"], seeds=1, **{**TINY, "epochs": 2})
+    with pytest.raises(ValueError, match="holds a run with epochs=1, this sweep plans epochs=2"):
+        sweep.sweep(other)
+
+
+def test_table_only_cifar_without_runs(tmp_path):
+    """End to end in a subprocess: the module's entry point."""
+    process = _sweep("--table=cifar", "--table_only", f"--results_dir={tmp_path}",
+                     "--rows=global,global-identity-constant")
+    assert process.returncode == 0, process.stderr[-2000:]
+    assert process.stdout.strip() == f"table: {tmp_path}/cifar.md"
+    text = (tmp_path / "cifar.md").read_text()
+    assert "Written by `python -m experiments.sweep --table=cifar --table_only" in text
+    rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| `")]
+    assert [row[0] for row in rows] == ["| `global`", "| `global-identity-constant`"]
+    assert rows[0][-2:] == ["91.93", "91.27 |"]
+    assert rows[1][-2:] == ["-", "90.03 |"]
+    assert all(row[6] == "-" and row[7] == "0/1" for row in rows)
+
+
+# ---------------------------------------------------------------- bad flags
+
+
+@pytest.mark.parametrize("argv, line", [
+    (["--table=imagenet"], "error: flag --table=imagenet: value should be one of <mnist|cifar> "
+                           "(see --helpfull)"),
+    ([], "error: Invalid value for argument `table`: expected one of 'mnist', 'cifar'. "
+         "Received: table=None"),
+    (["--table=mnist", "--seeds=0"], "error: flag --seeds=0: 0 is not a bound "
+                                     "(see --helpfull)"),
+    (["--table=mnist", "--rows=conv-c1,bogus", "--dry_run"],
+     "error: Invalid value for argument `rows`: expected one of 'conv-c1', 'residual-c1', "
+     "'pde-c1', 'pde-pm-c1', 'conv-c8', 'residual-c8', 'pde-c8', 'pde-pm-c8'. "
+     "Received: rows='bogus'"),
+])
+def test_bad_flags_one_line(main, argv, line):
+    status, out, _ = main(*argv)
+    assert out == ""
+    if "bound" in line:  # absl's wording of bounds varies between versions.
+        assert status.startswith("error: flag --seeds=0: ")
+    else:
+        assert status == line
+
+
+def test_command_quotes_paths(tmp_path):
+    run = sweep.plan("mnist", tmp_path / "a b", rows=["conv-c1"], seeds=1)[0]
+    assert shlex.split(shlex.join(run.command))[-1] == f"--model_dir={tmp_path}/a b/mnist/" \
+                                                       "conv-c1/seed0"
+    assert isinstance(run.config, training.Config)

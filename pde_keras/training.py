@@ -19,7 +19,9 @@ and writes into `workdir`:
   (`keras.callbacks.TerminateOnNaN`), the backup of the last good epoch is
   kept and `TrainingDivergedError` is raised;
 - `results.json`: test accuracy and loss, parameters, MACs, wall time,
-  epochs, the full config and the package version (written atomically).
+  epochs, the full config and the package version (written atomically);
+- `maps/image{i}/` with `dump_maps`: the PDE layers' coefficient maps of
+  test images 0-2 of the final model (`visualize.maps`).
 
 The "validation" metrics of the logs and of `best.keras` are measured on
 the test split (there is no separate validation split, as in the paper);
@@ -124,6 +126,9 @@ class Config:
             backend).
         verbose: `Model.fit` verbosity: 0 silent, 1 progress bar, 2 one line
             per epoch, `"auto"` 1 on a terminal and 2 otherwise.
+        dump_maps: at the end, draw the PDE layers' coefficient maps of a
+            few fixed test images into `workdir/maps/` (`visualize.maps.
+            dump_maps`; the model must have PDE layers).
     """
 
     dataset: str = "mnist"
@@ -153,6 +158,7 @@ class Config:
     jit_compile: bool | str = "auto"
     distribution: str = "none"
     verbose: int | str = "auto"
+    dump_maps: bool = False
 
     def __post_init__(self):
         validation.check_choice("dataset", self.dataset, data.DATASETS)
@@ -171,7 +177,7 @@ class Config:
         validation.check_float("weight_decay", self.weight_decay, non_negative=True)
         validation.check_float("step_factor", self.step_factor, positive=True)
         for name in ("download", "nesterov", "decoupled_weight_decay", "deterministic",
-                     "mixed_precision"):
+                     "mixed_precision", "dump_maps"):
             if not isinstance(getattr(self, name), bool):
                 raise validation.invalid(name, "True or False", getattr(self, name))
         validation.check_choice("schedule", self.schedule, SCHEDULES)
@@ -235,15 +241,7 @@ def train_and_evaluate(config, workdir, callbacks=()):
     initial_epoch = _check_resume(config, workdir)
     write_json(workdir / "config.json", config.to_json())
 
-    dataset = data.load(
-        config.dataset, config.data_source, config.data_dir, download=config.download,
-        synthetic_sizes=(config.train_examples or 2048, config.test_examples or 512),
-    )
-    rng = np.random.default_rng(config.seed)
-    train = _subset(dataset.train_images, dataset.train_labels, config.train_examples,
-                    "train_examples", rng)
-    test = _subset(dataset.test_images, dataset.test_labels, config.test_examples,
-                   "test_examples", rng)
+    dataset, train, test = load_splits(config)
     mean, std = channel_stats(train[0])
     augmentation = config.augmentation
     if augmentation == "auto":
@@ -252,6 +250,10 @@ def train_and_evaluate(config, workdir, callbacks=()):
     with _runtime(config) as replicas:
         core = pde_keras.models.create(
             config.model, **{"num_classes": dataset.info.num_classes, **config.model_options})
+        if config.dump_maps and not _maps().pde_layers(core):
+            raise validation.invalid(
+                "dump_maps", f"False for model {config.model!r}, which has no PDE layers "
+                "(GlobalLayer, AdvectionDiffusion)", config.dump_maps)
         model = build_classifier(core, dataset.info.image_shape, mean, std)
         _apply_weight_decay(model, config)
         steps_per_epoch = math.ceil(len(train[1]) / config.batch_size)
@@ -305,6 +307,8 @@ def train_and_evaluate(config, workdir, callbacks=()):
     if best_accuracy is None:  # No epoch logged (e.g. resumed after the last one).
         best_accuracy, best_epoch = float(test_metrics["accuracy"]), epochs_done
     macs = pde_keras.count_macs(core)
+    if config.dump_maps:
+        _maps().dump_maps(model, *test, dataset.info.class_names, workdir / "maps")
     results = {
         "dataset": config.dataset,
         "model": config.model,
@@ -441,6 +445,30 @@ def make_dataset(images, labels, batch_size, *, augmentation="none", seed=None,
         lambda x, *rest: (tf.cast(x, tf.float32), *rest),
         num_parallel_calls=tf.data.AUTOTUNE)
     return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+def load_splits(config):
+    """The data a run of `config` trains and evaluates on.
+
+    Args:
+        config: a `Config` (its dataset, data source and directory, example
+            counts and seed).
+
+    Returns:
+        `(dataset, (train_images, train_labels), (test_images,
+        test_labels))`: the loaded `pde_keras.data.Dataset` and the seeded
+        subsets of its splits that `train_and_evaluate` uses (uint8 pixels).
+    """
+    dataset = data.load(
+        config.dataset, config.data_source, config.data_dir, download=config.download,
+        synthetic_sizes=(config.train_examples or 2048, config.test_examples or 512),
+    )
+    rng = np.random.default_rng(config.seed)
+    train = _subset(dataset.train_images, dataset.train_labels, config.train_examples,
+                    "train_examples", rng)
+    test = _subset(dataset.test_images, dataset.test_labels, config.test_examples,
+                   "test_examples", rng)
+    return dataset, train, test
 
 
 def _subset(images, labels, count, name, rng):
@@ -593,3 +621,10 @@ def _check_non_negative_int(name, value):
 
 def _model_names():
     return pde_keras.models.names()
+
+
+def _maps():
+    """`visualize.maps`, imported late: matplotlib only for runs that draw."""
+    from visualize import maps
+
+    return maps

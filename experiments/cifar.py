@@ -16,12 +16,7 @@ from experiments import flags as runner_flags
 
 runner_flags.define_flags("cifar")
 flags.adopt_module_key_flags(runner_flags)  # --help lists them.
-
-
-def main(argv):
-    del argv  # Checked by runner_flags.parse_flags.
-    runner_flags.train_from_flags("cifar")
-
+main = runner_flags.main
 
 if __name__ == "__main__":
-    runner_flags.run(main)
+    runner_flags.run()

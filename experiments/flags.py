@@ -6,8 +6,8 @@ and the runners' common `main`.
 the model (`--backbone`/`--channels` or `--model`), every PDE layer option
 (default: the model's own), data, optimisation and run flags.
 `train_from_flags(runner)` builds a `pde_keras.training.Config` from them
-and calls `pde_keras.training.train_and_evaluate`; `run(main)` is
-`absl.app.run` with flag errors reported on one line.
+and calls `pde_keras.training.train_and_evaluate`; `run()` is
+`absl.app.run(main)` with flag errors reported on one line.
 """
 
 import sys
@@ -40,10 +40,14 @@ CONFIG_FLAGS = (
 _JIT_COMPILE = {"auto": "auto", "true": True, "false": False}
 
 
+_RUNNER = []  # The runner whose flags define_flags defined.
+
+
 def define_flags(runner):
     """Defines the flags of runner `"mnist"` or `"cifar"` on `absl.flags.FLAGS`."""
     if runner not in RUNNERS:
         raise ValueError(f"runner must be one of {RUNNERS}, got {runner!r}")
+    _RUNNER.append(runner)
     mnist = runner == "mnist"
 
     # Model.
@@ -230,6 +234,12 @@ def parse_flags(argv):
     return rest
 
 
-def run(main):
+def main(argv):
+    """The runners' main: trains as the flags of the defined runner say."""
+    del argv  # Checked by parse_flags.
+    train_from_flags(_RUNNER[-1])
+
+
+def run():
     """`absl.app.run(main)` with one-line flag errors."""
     app.run(main, flags_parser=parse_flags)

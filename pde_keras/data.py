@@ -153,6 +153,13 @@ def load(name, source="auto", data_dir=None, *, download=True,
     Raises:
         ValueError: for an invalid argument.
         DataError: when the data is missing or unreadable.
+
+    Example:
+
+    >>> from pde_keras import data
+    >>> mnist = data.load("mnist")  # the bundled copy
+    >>> mnist.train_images.shape, mnist.train_labels[:5].tolist()
+    ((60000, 28, 28, 1), [5, 0, 4, 1, 9])
     """
     validation.check_choice("name", name, DATASETS)
     source = resolve_source(name, source, data_dir)

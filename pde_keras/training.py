@@ -129,6 +129,18 @@ class Config:
         dump_maps: at the end, draw the PDE layers' coefficient maps of a
             few fixed test images into `workdir/maps/` (`visualize.maps.
             dump_maps`; the model must have PDE layers).
+
+    Example:
+
+    >>> from pde_keras import training
+    >>> config = training.Config(dataset="cifar10", model="resnet32_global",
+    ...                          model_options={"diffusivity": "perona_malik"})
+    >>> config.batch_size, config.learning_rate, config.schedule
+    (32, 0.01, 'cosine')
+    >>> training.Config(schedule="linear")
+    Traceback (most recent call last):
+    ...
+    ValueError: Invalid value for argument `schedule`: expected one of 'cosine', 'step', 'constant'. Received: schedule='linear'
     """
 
     dataset: str = "mnist"
@@ -169,7 +181,7 @@ class Config:
                 "model_options", "a dict of keyword options", self.model_options)
         data.resolve_source(self.dataset, self.data_source, self.data_dir)
         for name in ("train_examples", "test_examples", "warmup_epochs", "seed"):
-            _check_non_negative_int(name, getattr(self, name))
+            validation.check_int(name, getattr(self, name), minimum=0)
         for name in ("epochs", "batch_size", "eval_batch_size"):
             validation.check_positive_int(name, getattr(self, name))
         validation.check_float("learning_rate", self.learning_rate, positive=True)
@@ -248,6 +260,23 @@ def train_and_evaluate(config, workdir, callbacks=()):
         augmentation = "none" if config.dataset == "mnist" else "crop_flip"
 
     with _runtime(config) as replicas:
+        # Distributed batches must split evenly over the devices (JAX sharding;
+        # Keras' MirroredStrategy evaluation fails on uneven splits): training
+        # drops the last partial batch, evaluation pads it with weight-0 examples.
+        for name in ("batch_size", "eval_batch_size"):
+            if getattr(config, name) % replicas:
+                raise validation.invalid(
+                    name, f"a multiple of the {replicas} devices of "
+                    f"distribution={config.distribution!r}", getattr(config, name))
+        if replicas > 1 and len(train[1]) < config.batch_size:
+            raise validation.invalid(
+                "batch_size", f"at most the {len(train[1])} training examples when "
+                "distributed (partial batches are dropped)", config.batch_size)
+        train_data = make_dataset(*train, config.batch_size, augmentation=augmentation,
+                                  seed=config.seed, drop_remainder=replicas > 1)
+        test_data = make_dataset(*test, config.eval_batch_size, pad_to=replicas)
+        steps_per_epoch = int(train_data.cardinality())
+
         core = pde_keras.models.create(
             config.model, **{"num_classes": dataset.info.num_classes, **config.model_options})
         if config.dump_maps and not _maps().pde_layers(core):
@@ -256,7 +285,6 @@ def train_and_evaluate(config, workdir, callbacks=()):
                 "(GlobalLayer, AdvectionDiffusion)", config.dump_maps)
         model = build_classifier(core, dataset.info.image_shape, mean, std)
         _apply_weight_decay(model, config)
-        steps_per_epoch = math.ceil(len(train[1]) / config.batch_size)
         model.compile(
             optimizer=keras.optimizers.SGD(
                 learning_rate=make_schedule(config, steps_per_epoch),
@@ -271,18 +299,6 @@ def train_and_evaluate(config, workdir, callbacks=()):
             ],
             jit_compile=config.jit_compile,
         )
-        # Distributed batches must split evenly over the devices (JAX sharding;
-        # Keras' MirroredStrategy evaluation fails on uneven splits): training
-        # drops the last partial batch, evaluation pads it with weight-0 examples.
-        shards = replicas
-        for name in ("batch_size", "eval_batch_size"):
-            if getattr(config, name) % shards:
-                raise validation.invalid(
-                    name, f"a multiple of the {shards} devices of "
-                    f"distribution={config.distribution!r}", getattr(config, name))
-        train_data = make_dataset(*train, config.batch_size, augmentation=augmentation,
-                                  seed=config.seed, drop_remainder=shards > 1)
-        test_data = make_dataset(*test, config.eval_batch_size, pad_to=shards)
         backup = _BackupAndRestore(str(workdir / "backup"), double_checkpoint=True)
         history = model.fit(
             train_data, epochs=config.epochs, validation_data=test_data,
@@ -612,11 +628,6 @@ def _fit_verbosity(verbose):
     if verbose == "auto":
         return 1 if sys.stdout.isatty() else 2
     return verbose
-
-
-def _check_non_negative_int(name, value):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
-        raise validation.invalid(name, "an integer >= 0", value)
 
 
 def _model_names():

@@ -29,8 +29,13 @@ def check_choice(name, value, choices):
 
 def check_positive_int(name, value):
     """Returns `value` as int if it is an integer >= 1 (bools rejected)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise invalid(name, "an integer >= 1", value)
+    return check_int(name, value, minimum=1)
+
+
+def check_int(name, value, minimum):
+    """Returns `value` as int if it is an integer >= `minimum` (bools rejected)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise invalid(name, f"an integer >= {minimum}", value)
     return int(value)
 
 

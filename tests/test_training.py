@@ -325,3 +325,33 @@ def test_nan_stops_training_and_keeps_the_last_good_backup(tmp_path):
     assert json.loads((tmp_path / "backup" / "training_metadata.json").read_text())[
         "epoch"] == 1
     assert not (tmp_path / "results.json").exists()
+
+
+def test_seeded_deterministic_runs_repeat_exactly(tmp_path):
+    config = Config(epochs=1, deterministic=True, augmentation="crop_flip", **TINY)
+    try:
+        first, second = (training.train_and_evaluate(config, tmp_path / run)
+                         for run in ("a", "b"))
+    finally:
+        if keras.backend.backend() == "tensorflow":  # Op determinism is process-wide.
+            from tensorflow.python.framework import config as tf_config
+
+            tf_config.disable_op_determinism()
+    assert (first["test_loss"], first["test_accuracy"]) == (
+        second["test_loss"], second["test_accuracy"])
+    weights = [keras.saving.load_model(tmp_path / run / "last.keras").get_weights()
+               for run in ("a", "b")]
+    for a, b in zip(*weights):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_mixed_precision_and_xla(tmp_path):
+    config = Config(epochs=1, mixed_precision=True, jit_compile=True, **TINY)
+    results = training.train_and_evaluate(config, tmp_path)
+    assert math.isfinite(results["test_loss"])
+    assert keras.config.dtype_policy().name == "float32"  # restored
+    model = keras.saving.load_model(tmp_path / "last.keras", compile=False)
+    assert model.output.dtype == "float32"
+    convs = [layer for layer in model.get_layer("mnist_conv").layers
+             if isinstance(layer, keras.layers.Conv2D)]
+    assert convs and all(c.dtype_policy.name == "mixed_float16" for c in convs)

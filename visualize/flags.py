@@ -2,14 +2,15 @@
 
 `define_flags(command)` defines the flags of `python -m visualize.<command>`
 (`pde_maps`, `mnist_features`, `confusion`, `curves`); `run(draw)` is the
-command's `absl.app.run`: flag errors and every `ValueError` the drawing
+command's `absl.app.run`: flag errors (parsed as the runners parse theirs,
+`experiments.flags.parse_flags`) and every `ValueError` the drawing
 raises (a directory without a model, an image index out of range, ...)
 end the program with one line `error: ...` on stderr and exit status 1.
 """
 
 import sys
 
-from absl import flags
+from absl import app, flags
 
 from experiments import flags as runner_flags
 from visualize import evaluation, runs
@@ -75,4 +76,4 @@ def run(draw):
         except ValueError as error:
             sys.exit(f"error: {error}")
 
-    runner_flags.run(main)
+    app.run(main, flags_parser=runner_flags.parse_flags)

@@ -5,7 +5,9 @@ The four MNIST nets of the report's Figure 2 (2 channels) are trained once
 for the module through the training library (synthetic data, 1 epoch), the
 Perona-Malik one with `dump_maps=True`. ResNet32-Global is drawn untrained
 here (tracing its training takes a minute); the slow test trains it with
-`dump_maps=True` and runs `visualize.pde_maps` on it.
+`dump_maps=True` and runs `visualize.pde_maps` on it. The commands run in
+subprocesses on TensorFlow; the tests marked `multibackend` run in process
+on either backend.
 """
 
 import json
@@ -145,6 +147,7 @@ def _check_global_maps(arrays, core, inputs):
 # ------------------------------------------------------------ PDE maps
 
 
+@pytest.mark.multibackend
 def test_global_layer_maps_are_their_coefficient_maps(untrained_global, tmp_path):
     paths = maps.write_run_maps(untrained_global, out_dir=tmp_path)
     assert paths == sorted(tmp_path.iterdir())
@@ -265,6 +268,7 @@ def test_confusion_command(trained, tmp_path):
     assert lines[-1] == f"wrote {out} and {out.with_suffix('.json')}"
 
 
+@pytest.mark.multibackend
 def test_pair_confusion_counts():
     labels = np.array([3, 3, 3, 5, 5, 1])
     predictions = np.array([5, 3, 5, 3, 5, 1])
@@ -338,6 +342,7 @@ def test_errors(trained, untrained_global, tmp_path):
     assert not (tmp_path / "f.png").exists() and not (tmp_path / "c.png").exists()
 
 
+@pytest.mark.multibackend
 def test_dump_maps_needs_pde_layers(tmp_path):
     with _raises("Invalid value for argument `dump_maps`: expected False for model "
                  "'mnist_conv', which has no PDE layers (GlobalLayer, AdvectionDiffusion). "

@@ -14,6 +14,7 @@ from visualize import flags as figure_flags
 
 FLAGS = flags.FLAGS
 figure_flags.define_flags("confusion")
+flags.adopt_module_key_flags(figure_flags)  # --help lists them.
 
 
 def draw():

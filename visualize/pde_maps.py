@@ -15,6 +15,7 @@ from visualize import maps
 
 FLAGS = flags.FLAGS
 figure_flags.define_flags("pde_maps")
+flags.adopt_module_key_flags(figure_flags)  # --help lists them.
 
 
 def draw():

@@ -35,6 +35,7 @@ CONFIG_FLAGS = (
     "epochs", "batch_size", "eval_batch_size", "learning_rate", "weight_decay",
     "decoupled_weight_decay", "schedule", "warmup_epochs", "step_factor",
     "augmentation", "seed", "deterministic", "mixed_precision", "distribution",
+    "dump_maps",
 )
 _JIT_COMPILE = {"auto": "auto", "true": True, "false": False}
 
@@ -148,12 +149,17 @@ def define_flags(runner):
     # Run.
     flags.DEFINE_string(
         "model_dir", None, "Output directory: results.json, log.csv, tensorboard/, "
-        "best.keras, last.keras, backup/. Re-running with the same directory resumes.",
+        "best.keras, last.keras, backup/, maps/ (--dump_maps). Re-running with the same "
+        "directory resumes.",
         required=True)
     flags.register_validator(
         "model_dir", lambda value: value is None or bool(value.strip()),
         "--model_dir must not be empty")
     flags.DEFINE_integer("seed", 0, "Random seed.", lower_bound=0)
+    flags.DEFINE_bool(
+        "dump_maps", False, "At the end, draw the PDE layers' coefficient maps (Dx, Dy, u, "
+        "v, ux, vy, input, output) of test images 0-2 into MODEL_DIR/maps/ "
+        "(python -m visualize.pde_maps draws others).")
     flags.DEFINE_bool(
         "deterministic", False, "Deterministic TensorFlow ops (slower; TF backend).")
     flags.DEFINE_bool("mixed_precision", False, "Train under the mixed_float16 policy.")

@@ -44,6 +44,9 @@ class AdvectionDiffusion(keras.layers.Layer):
     Output shape:
         H^K, shaped like `source`.
 
+    `coefficient_maps([source, velocity])` returns the maps the solver used
+    (D_x, D_y, u = v = g, u_x, v_y, H^0, H^K) for figures.
+
     Example:
 
     >>> import numpy as np, keras, pde_keras
@@ -80,7 +83,8 @@ class AdvectionDiffusion(keras.layers.Layer):
                 "AdvectionDiffusion expects a list [source, velocity] of two rank-4 "
                 f"tensors of the same shape. Received: input_shape={input_shape}")
 
-    def call(self, inputs):
+    def _run(self, inputs):
+        """Returns (source, velocity, diffusivity, solution), all float32."""
         source, velocity = (ops.cast(tensor, "float32") for tensor in inputs)
         if self.diffusivity == "perona_malik":
             diffusivity = solver.perona_malik_diffusivity(
@@ -90,7 +94,45 @@ class AdvectionDiffusion(keras.layers.Layer):
         solution = solver.solve_advection_diffusion(
             source, source, (diffusivity, diffusivity), (velocity, velocity), self.steps,
             dt=self.dt, dx=self.dx, dy=self.dy, boundary=self.boundary)
-        return ops.cast(solution, self.compute_dtype)
+        return source, velocity, diffusivity, solution
+
+    def call(self, inputs):
+        return ops.cast(self._run(inputs)[-1], self.compute_dtype)
+
+    def coefficient_maps(self, inputs):
+        """Returns the layer's maps for `inputs`, for inspection and figures.
+
+        The same keys as `pde_keras.GlobalLayer.coefficient_maps`, so that
+        figures can treat both layers alike.
+
+        Args:
+            inputs: `[source, velocity]`, as the layer's call, e.g. one
+                image's `(1, height, width, channels)` features f and g.
+
+        Returns:
+            A dict of float32 tensors shaped like `source`: `"Dx"`, `"Dy"`
+            (the diffusivity: the constant filled in, or the Perona-Malik
+            map of f), `"u"`, `"v"` (both the velocity g), `"ux"`, `"vy"`
+            (their central differences), `"initial"` (H^0 = f), `"solution"`
+            (H^K) and `"output"` (the layer's output, H^K here).
+        """
+        if not isinstance(inputs, (list, tuple)) or len(inputs) != 2:
+            raise validation.invalid(
+                "inputs", "a list [source, velocity] of two tensors", type(inputs).__name__)
+        source, velocity, diffusivity, solution = self._run(inputs)
+        diffusivity = solver._full(diffusivity, source)
+        velocity = solver._full(velocity, source)
+        return {
+            "Dx": diffusivity,
+            "Dy": diffusivity,
+            "u": velocity,
+            "v": velocity,
+            "ux": solver.central_difference(velocity, solver.X_AXIS, self.dx, self.boundary),
+            "vy": solver.central_difference(velocity, solver.Y_AXIS, self.dy, self.boundary),
+            "initial": source,
+            "solution": solution,
+            "output": solution,
+        }
 
     def compute_output_shape(self, input_shape):
         return input_shape[0]

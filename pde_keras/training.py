@@ -19,7 +19,9 @@ and writes into `workdir`:
   (`keras.callbacks.TerminateOnNaN`), the backup of the last good epoch is
   kept and `TrainingDivergedError` is raised;
 - `results.json`: test accuracy and loss, parameters, MACs, wall time,
-  epochs, the full config and the package version (written atomically).
+  epochs, the full config and the package version (written atomically);
+- `maps/image{i}/` with `dump_maps`: the PDE layers' coefficient maps of
+  test images 0-2 of the final model (`visualize.maps`).
 
 The "validation" metrics of the logs and of `best.keras` are measured on
 the test split (there is no separate validation split, as in the paper);
@@ -124,6 +126,9 @@ class Config:
             backend).
         verbose: `Model.fit` verbosity: 0 silent, 1 progress bar, 2 one line
             per epoch, `"auto"` 1 on a terminal and 2 otherwise.
+        dump_maps: at the end, draw the PDE layers' coefficient maps of a
+            few fixed test images into `workdir/maps/` (`visualize.maps.
+            dump_maps`; the model must have PDE layers).
 
     Example:
 
@@ -165,6 +170,7 @@ class Config:
     jit_compile: bool | str = "auto"
     distribution: str = "none"
     verbose: int | str = "auto"
+    dump_maps: bool = False
 
     def __post_init__(self):
         validation.check_choice("dataset", self.dataset, data.DATASETS)
@@ -183,7 +189,7 @@ class Config:
         validation.check_float("weight_decay", self.weight_decay, non_negative=True)
         validation.check_float("step_factor", self.step_factor, positive=True)
         for name in ("download", "nesterov", "decoupled_weight_decay", "deterministic",
-                     "mixed_precision"):
+                     "mixed_precision", "dump_maps"):
             if not isinstance(getattr(self, name), bool):
                 raise validation.invalid(name, "True or False", getattr(self, name))
         validation.check_choice("schedule", self.schedule, SCHEDULES)
@@ -273,6 +279,10 @@ def train_and_evaluate(config, workdir, callbacks=()):
 
         core = pde_keras.models.create(
             config.model, **{"num_classes": dataset.info.num_classes, **config.model_options})
+        if config.dump_maps and not _maps().pde_layers(core):
+            raise validation.invalid(
+                "dump_maps", f"False for model {config.model!r}, which has no PDE layers "
+                "(GlobalLayer, AdvectionDiffusion)", config.dump_maps)
         model = build_classifier(core, dataset.info.image_shape, mean, std)
         _apply_weight_decay(model, config)
         model.compile(
@@ -313,6 +323,8 @@ def train_and_evaluate(config, workdir, callbacks=()):
     if best_accuracy is None:  # No epoch logged (e.g. resumed after the last one).
         best_accuracy, best_epoch = float(test_metrics["accuracy"]), epochs_done
     macs = pde_keras.count_macs(core)
+    if config.dump_maps:
+        _maps().dump_maps(model, *test, dataset.info.class_names, workdir / "maps")
     results = {
         "dataset": config.dataset,
         "model": config.model,
@@ -452,9 +464,16 @@ def make_dataset(images, labels, batch_size, *, augmentation="none", seed=None,
 
 
 def load_splits(config):
-    """The data of `config`: `(dataset, (train images, labels), (test images, labels))`.
+    """The data a run of `config` trains and evaluates on.
 
-    The splits are the seeded subsets `train_and_evaluate` trains and tests on.
+    Args:
+        config: a `Config` (its dataset, data source and directory, example
+            counts and seed).
+
+    Returns:
+        `(dataset, (train_images, train_labels), (test_images,
+        test_labels))`: the loaded `pde_keras.data.Dataset` and the seeded
+        subsets of its splits that `train_and_evaluate` uses (uint8 pixels).
     """
     dataset = data.load(
         config.dataset, config.data_source, config.data_dir, download=config.download,
@@ -476,12 +495,18 @@ def confusion_matrix(labels, predictions, num_classes):
     return counts
 
 
+def predict_classes(model, images, batch_size=256):
+    """The predicted classes of uint8 `images`, fed as training evaluates them."""
+    dataset = make_dataset(images, np.zeros(len(images), np.int64), batch_size)
+    return np.argmax(model.predict(dataset, verbose=0), axis=-1)
+
+
 def checkpoint_confusion(config, checkpoint):
     """The confusion matrix of the `.keras` `checkpoint` on `config`'s test split."""
     dataset, _, (images, labels) = load_splits(config)
-    model = keras.saving.load_model(checkpoint)
-    logits = model.predict(make_dataset(images, labels, config.eval_batch_size), verbose=0)
-    return confusion_matrix(labels, np.argmax(logits, axis=-1), dataset.info.num_classes)
+    predictions = predict_classes(keras.saving.load_model(checkpoint), images,
+                                  config.eval_batch_size)
+    return confusion_matrix(labels, predictions, dataset.info.num_classes)
 
 
 def _subset(images, labels, count, name, rng):
@@ -633,3 +658,10 @@ def _fit_verbosity(verbose):
 
 def _model_names():
     return pde_keras.models.names()
+
+
+def _maps():
+    """`visualize.maps`, imported late: matplotlib only for runs that draw."""
+    from visualize import maps
+
+    return maps

@@ -321,3 +321,37 @@ def test_advection_diffusion_layer_inputs_and_config():
             "AdvectionDiffusion expects a list [source, velocity] of two rank-4 tensors of "
             "the same shape. Received: input_shape=(None, 8, 8, 2)")):
         layer(keras.Input((8, 8, 2)))
+
+
+@pytest.mark.parametrize("diffusivity", ["constant", "perona_malik"])
+def test_advection_diffusion_coefficient_maps(diffusivity):
+    """The maps are the ones the solver used: u = v = g, D = 1 or Perona-Malik of f."""
+    rng = np.random.default_rng(3)
+    f, g = (rng.normal(size=(2, 7, 9, 3)).astype("float32") for _ in range(2))
+    layer = pde_keras.AdvectionDiffusion(diffusivity=diffusivity, steps=3, dx=0.5)
+    maps = {name: _np(value) for name, value in layer.coefficient_maps([f, g]).items()}
+    assert sorted(maps) == ["Dx", "Dy", "initial", "output", "solution", "u", "ux", "v", "vy"]
+    for name, value in maps.items():
+        assert value.shape == f.shape and value.dtype == np.float32, name
+    if diffusivity == "constant":
+        d = 1.0
+    else:  # lambda = 2
+        d = 1.0 / (1.0 + sum(np.square(s) for s in ref.sobel(f, "periodic")) / 4.0)
+    np.testing.assert_allclose(maps["Dx"], np.broadcast_to(d, f.shape), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(maps["Dy"], maps["Dx"])
+    np.testing.assert_array_equal(maps["u"], g)
+    np.testing.assert_array_equal(maps["v"], g)
+    np.testing.assert_allclose(
+        maps["ux"], (ref.shift(g, 1, +1, "periodic") - ref.shift(g, 1, -1, "periodic")) / 1.0,
+        rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        maps["vy"], (ref.shift(g, 2, +1, "periodic") - ref.shift(g, 2, -1, "periodic")) / 2.0,
+        rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(maps["initial"], f)
+    np.testing.assert_allclose(maps["solution"], ref.solve(f, f, (d, d), (g, g), 3, dx=0.5),
+                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(maps["output"], _np(layer([f, g])))
+    with pytest.raises(ValueError, match=re.escape(
+            "Invalid value for argument `inputs`: expected a list [source, velocity] of two "
+            "tensors. Received: inputs='ndarray'")):
+        layer.coefficient_maps(f)

@@ -34,7 +34,7 @@ setup(
         "matplotlib>=3.7",
     ],
     extras_require={
-        "test": ["pytest>=8", "jax[cpu]>=0.4.30"],
-        "jax": ["jax[cpu]>=0.4.30"],
+        "test": ["pytest>=8", "jax[cpu]>=0.4.30,<0.11"],
+        "jax": ["jax[cpu]>=0.4.30,<0.11"],
     },
 )

@@ -166,7 +166,6 @@ class GlobalLayer(keras.layers.Layer):
         kinds = {name: self.velocity for name in _VELOCITY_MAPS}
         kinds.update({name: self.diffusivity for name in _DIFFUSIVITY_MAPS})
         self.depthwise_maps = tuple(n for n, kind in kinds.items() if kind == "depthwise")
-        sublayers = []
         if self.depthwise_maps:
             self.coefficient_conv = layers.DepthwiseConv2D(
                 3, padding="same", use_bias=False, depth_multiplier=len(self.depthwise_maps),

@@ -8,6 +8,10 @@ synthetic CIFAR-shaped data, after warm-up; median over rounds) and
 inference latency of `model.predict_on_batch` at batch 1 and 128, for
 resnet32, resnet32_4stage and resnet32_global with K=1 and K=5. Prints a
 table with ratios to resnet32.
+
+`resnet32_global_skeleton` is resnet32_global with its three GlobalLayers
+left out (stem, four one-block stages, head): the ceiling that any speed-up
+of the GlobalLayer can approach, measured in the same run.
 """
 
 import os
@@ -20,16 +24,19 @@ import numpy as np
 
 import pde_keras
 from pde_keras import training
+from pde_keras.models import resnet
 from benchmarks import timing
 
 FLAGS = flags.FLAGS
 
-# name -> (factory name, options)
+# name -> function returning the (uncompiled) model
 MODELS = {
-    "resnet32": ("resnet32", {}),
-    "resnet32_4stage": ("resnet32_4stage", {}),
-    "resnet32_global_K1": ("resnet32_global", {"steps": 1}),
-    "resnet32_global_K5": ("resnet32_global", {"steps": 5}),
+    "resnet32": lambda: pde_keras.models.create("resnet32"),
+    "resnet32_4stage": lambda: pde_keras.models.create("resnet32_4stage"),
+    "resnet32_global_K1": lambda: pde_keras.models.create("resnet32_global", steps=1),
+    "resnet32_global_K5": lambda: pde_keras.models.create("resnet32_global", steps=5),
+    "resnet32_global_skeleton": lambda: resnet.resnet(
+        resnet.FOUR_STAGES, 1, name="resnet32_global_skeleton"),
 }
 
 
@@ -47,8 +54,7 @@ def define_flags():
 
 
 def _build(name, jit_compile):
-    factory, options = MODELS[name]
-    model = pde_keras.models.create(factory, num_classes=10, **options)
+    model = MODELS[name]()
     model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9, nesterov=True),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   jit_compile=jit_compile)
@@ -86,11 +92,11 @@ def main(argv):
                   FLAGS.warmup, FLAGS.jit_compile)
     print(f"backend={keras.backend.backend()} jit_compile={FLAGS.jit_compile} "
           f"batch_size={FLAGS.batch_size} cpus={os.cpu_count()}")
-    header = (f"{'model':<20} {'params':>8} {'train img/s':>12} {'x resnet32':>10} "
+    header = (f"{'model':<24} {'params':>8} {'train img/s':>12} {'x resnet32':>10} "
               f"{'lat b1 ms':>10} {'x resnet32':>10} {'lat b128 ms':>12} {'x resnet32':>10}")
     print(header)
     for name, r in results.items():
-        print(f"{name:<20} {r['trainable_params']:>8} {r['train_images_per_s']:>12.1f} "
+        print(f"{name:<24} {r['trainable_params']:>8} {r['train_images_per_s']:>12.1f} "
               f"{r.get('train_speedup_vs_resnet32', float('nan')):>10.2f} "
               f"{r['latency_ms_batch1']:>10.2f} "
               f"{r.get('latency_ratio_batch1_vs_resnet32', float('nan')):>10.2f} "

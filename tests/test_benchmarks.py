@@ -4,6 +4,7 @@ import math
 
 import pytest
 
+import pde_keras
 from benchmarks import layer, train
 
 pytestmark = pytest.mark.multibackend
@@ -25,3 +26,15 @@ def test_train_benchmark_reports_throughput_and_latency():
     assert results["resnet32_global_K1"]["trainable_params"] == 161_402
     for r in results.values():
         assert r["train_images_per_s"] > 0 and r["latency_ms_batch1"] > 0
+
+
+def test_train_benchmark_skeleton_is_resnet32_global_without_its_global_layers():
+    full = train.MODELS["resnet32_global_K1"]()
+    skeleton = train.MODELS["resnet32_global_skeleton"]()
+    global_layers = [layer for layer in full.layers if isinstance(layer, pde_keras.GlobalLayer)]
+    assert len(global_layers) == 3
+    assert not any(isinstance(layer, pde_keras.GlobalLayer) for layer in skeleton.layers)
+    assert [layer.name for layer in skeleton.layers] == [
+        layer.name for layer in full.layers if layer not in global_layers]
+    assert skeleton.count_params() == full.count_params() - sum(
+        layer.count_params() for layer in global_layers)

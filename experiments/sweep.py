@@ -220,6 +220,13 @@ def _published(value):
     return "-" if value is None else f"{value:.2f}"
 
 
+def _wall_time(minutes, finished):
+    if not minutes:
+        return "-"
+    cell = f"{_mean_std(minutes, 1)} min"
+    return cell if len(minutes) == finished else f"{cell} ({len(minutes)} of {finished} runs)"
+
+
 def render_table(table, runs):
     """The markdown table of `table`'s rows over `runs` (finished or not)."""
     mnist = table == "mnist"
@@ -243,13 +250,15 @@ def render_table(table, runs):
             num_classes = 100 if config.dataset == "cifar100" else 10
             params, _, macs = tables.measure(row, num_classes=num_classes)
         accuracy = [100 * results["test_accuracy"] for _, results in done]
-        wall = [results["wall_time_s"] / 60 for _, results in done]
+        # A resumed run's wall time covers only its last part: left out.
+        wall = [results["wall_time_s"] / 60 for _, results in done
+                if not results.get("resumed_from_epoch")]
         epochs = sorted({results["epochs"] for _, results in done})
         cells = [f"`{slug}`", f"`{row.name}`", row.variant, f"{params:,}",
                  tables.format_macs(macs["paper"]), tables.format_macs(macs["total"]),
                  _mean_std(accuracy) if done else "-", f"{len(done)}/{len(row_runs)}",
                  ", ".join(map(str, epochs)) or "-",
-                 f"{_mean_std(wall, 1)} min" if done else "-"]
+                 _wall_time(wall, len(done))]
         if mnist:
             matrices = [m for run, _ in done if (m := confusion(run)) is not None]
             counts = [m[3][5] + m[5][3] for m in matrices]
@@ -269,7 +278,9 @@ def write_table(table, runs, results_dir, command):
         "finished seeds (one value when one seed). Params: trainable parameters. MACs per "
         "image: \"paper\" counts conv, depth-wise conv and dense layers (the authors' "
         "counter), \"total\" adds the PDE arithmetic, batch norms, additions and pooling. "
-        "Rows not trained yet show the model factory's params and MACs and \"-\".",
+        "Rows not trained yet show the model factory's params and MACs and \"-\". "
+        "Wall time: over the runs not resumed from a backup (a resumed run's `wall_time_s` "
+        "counts only its last part).",
         f"Settings: {setting.runner} runner, "
         + ", ".join(f"{k}={v}" for k, v in runs[0].config.to_json().items()
                     if k in setting.config or k in ("dataset", "data_source",

@@ -142,11 +142,21 @@ def test_tiny_sweep_skips_finished_runs_and_writes_table(tmp_path):
     mean, std = (sum(accuracy) / 2, abs(accuracy[0] - accuracy[1]) / 2**0.5)
     assert conv[3:7] == ["522", "14.6K", "17.0K", f"{mean:.2f} ± {std:.2f}"]
     assert conv[7:9] == ["2/2", "1"]
+    wall = [json.loads((run.workdir / "results.json").read_text())["wall_time_s"] / 60
+            for run in runs[:2]]
+    assert conv[9] == f"{sum(wall) / 2:.1f} ± {abs(wall[0] - wall[1]) / 2**0.5:.1f} min"
     assert conv[-2:] == ["92.01", "64.59 |"]
     # Not trained: the factory's params and MACs, "-" for the results.
     untrained = rows[-1].split(" | ")
     assert untrained[3:5] == ["4,612", "512.0K"]
     assert untrained[6:11] == ["-", "0/2", "-", "-", "-"]
+
+    # A resumed run's wall time (only its last part) is left out of the mean.
+    resumed = runs[1].workdir / "results.json"
+    resumed.write_text(json.dumps({**json.loads(resumed.read_text()), "resumed_from_epoch": 1}))
+    conv = sweep.render_table("mnist", all_runs).splitlines()[2].split(" | ")
+    assert conv[9] == f"{wall[0]:.1f} min (1 of 2 runs)"
+    assert conv[6] == f"{mean:.2f} ± {std:.2f}"
 
     # Without checkpoint and cached confusions, the confusions are unknown.
     (runs[0].workdir / sweep.CONFUSION_FILE).unlink()

@@ -276,6 +276,7 @@ def train_and_evaluate(config, workdir, callbacks=()):
                                   seed=config.seed, drop_remainder=replicas > 1)
         test_data = make_dataset(*test, config.eval_batch_size, pad_to=replicas)
         steps_per_epoch = int(train_data.cardinality())
+        images_per_epoch = steps_per_epoch * config.batch_size if replicas > 1 else len(train[1])
 
         core = pde_keras.models.create(
             config.model, **{"num_classes": dataset.info.num_classes, **config.model_options})
@@ -300,9 +301,10 @@ def train_and_evaluate(config, workdir, callbacks=()):
             jit_compile=config.jit_compile,
         )
         backup = _BackupAndRestore(str(workdir / "backup"), double_checkpoint=True)
+        timer = EpochTimer()
         history = model.fit(
             train_data, epochs=config.epochs, validation_data=test_data,
-            callbacks=_callbacks(workdir, initial_epoch) + list(callbacks) + [backup],
+            callbacks=[timer] + _callbacks(workdir, initial_epoch) + list(callbacks) + [backup],
             verbose=_fit_verbosity(config.verbose),
             shuffle=False,  # make_dataset shuffles
         )
@@ -320,6 +322,7 @@ def train_and_evaluate(config, workdir, callbacks=()):
 
     epochs_done = max((epoch + 1 for epoch in history.epoch), default=initial_epoch)
     best_accuracy, best_epoch = _best_epoch(workdir / "log.csv")
+    train_time = _column_total(workdir / "log.csv", EpochTimer.KEY)
     if best_accuracy is None:  # No epoch logged (e.g. resumed after the last one).
         best_accuracy, best_epoch = float(test_metrics["accuracy"]), epochs_done
     macs = pde_keras.count_macs(core)
@@ -335,6 +338,11 @@ def train_and_evaluate(config, workdir, callbacks=()):
         "trainable_params": int(sum(math.prod(v.shape) for v in core.trainable_variables)),
         "macs": {"paper": int(macs["paper"]), "total": int(macs["total"])},
         "wall_time_s": round(time.time() - start, 2),
+        # Over every epoch in log.csv (resumed parts included): the fit loop
+        # alone, without start-up and the per-epoch evaluation.
+        "train_images_per_s": (
+            round(train_time[1] * images_per_epoch / train_time[0], 2)
+            if train_time else None),
         "epochs": epochs_done,
         "resumed_from_epoch": initial_epoch,
         "train_examples": int(len(train[1])),
@@ -545,6 +553,29 @@ class _BackupAndRestore(keras.callbacks.BackupAndRestore):
             super().on_train_end(logs)
 
 
+class EpochTimer(keras.callbacks.Callback):
+    """Logs each epoch's training time (before its evaluation) as `train_time_s`.
+
+    Placed before `CSVLogger` and `TensorBoard` in the callback list, so
+    that they record it with the epoch's other metrics.
+    """
+
+    KEY = "train_time_s"
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start, self._train_time = time.perf_counter(), None
+
+    def on_test_begin(self, logs=None):
+        # Within `fit`, evaluation follows the epoch's training steps.
+        if self._train_time is None:
+            self._train_time = time.perf_counter() - self._start
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            elapsed = self._train_time or time.perf_counter() - self._start
+            logs[self.KEY] = round(elapsed, 3)
+
+
 def _callbacks(workdir, initial_epoch):
     resuming = initial_epoch > 0
     best_accuracy, _ = _best_epoch(workdir / "log.csv") if resuming else (None, None)
@@ -592,6 +623,17 @@ def _best_epoch(log_path):
         return None, None
     best = max(rows, key=lambda row: float(row["val_accuracy"]))
     return float(best["val_accuracy"]), int(best["epoch"]) + 1
+
+
+def _column_total(log_path, column):
+    """(sum, count) of a numeric column over the rows of the CSV log that have it,
+    or None when none has."""
+    try:
+        with open(log_path, newline="") as f:
+            values = [float(row[column]) for row in csv.DictReader(f) if row.get(column)]
+    except OSError:
+        return None
+    return (sum(values), len(values)) if values else None
 
 
 @contextlib.contextmanager

@@ -69,6 +69,55 @@ def test_plan_mnist_settings(tmp_path):
     assert runs[-1].workdir == tmp_path / "mnist" / "pde-pm-c8" / "seed2"
 
 
+def test_plan_cifar_budget_settings(tmp_path):
+    runs = sweep.plan("cifar-budget", tmp_path, data_dir="/data/jpeg")
+    assert [(run.row.slug, run.config.model, run.config.model_options) for run in runs] == [
+        ("resnet32", "resnet32", {}),
+        ("global", "resnet32_global", {}),
+        ("global-perona-malik", "resnet32_global", {"diffusivity": "perona_malik"}),
+        ("global-k1", "resnet32_global", {"steps": 1}),
+    ]
+    config = runs[0].config
+    assert (config.dataset, config.epochs, config.batch_size, config.learning_rate,
+            config.weight_decay, config.schedule, config.warmup_epochs, config.train_examples) == (
+        "cifar10", 10, 128, 0.1, 5e-4, "cosine", 1, 0)
+    assert shlex.join(runs[-1].command) == (
+        "python -m experiments.cifar --model=resnet32_global --steps=1 --dataset=cifar10 "
+        "--epochs=10 --batch_size=128 --learning_rate=0.1 --weight_decay=0.0005 "
+        "--schedule=cosine --warmup_epochs=1 --data_dir=/data/jpeg --seed=0 "
+        f"--model_dir={tmp_path}/cifar-budget/global-k1/seed0")
+
+
+def test_cifar_table_shows_test_loss_and_speed(tmp_path):
+    runs = sweep.plan("cifar-budget", tmp_path, rows=["resnet32", "global-k1"])
+    runs[0].workdir.mkdir(parents=True)
+    training.write_json(runs[0].workdir / "results.json", {
+        "config": runs[0].config.to_json(), "epochs": 10, "test_accuracy": 0.8512,
+        "test_loss": 0.4567, "train_images_per_s": 81.26, "wall_time_s": 7200,
+        "trainable_params": 466906, "macs": {"paper": 69_120_000, "total": 69_590_000}})
+    header, _, done, untrained = sweep.render_table("cifar-budget", runs).splitlines()
+    assert header.split(" | ")[-4:] == ["test loss", "train img/s", "paper %", "report % |"]
+    assert done.split(" | ")[6:] == ["85.12", "1/1", "10", "120.0 min", "0.457", "81.3",
+                                     "92.49", "- |"]
+    assert untrained.split(" | ")[6:11] == ["-", "0/1", "-", "-", "-"]
+
+
+def test_results_without_a_newer_config_field_count_as_its_default(tmp_path):
+    """Runs recorded before a Config field existed stay finished (and resumable)."""
+    run = sweep.plan("cifar-budget", tmp_path, rows=["resnet32"])[0]
+    run.workdir.mkdir(parents=True)
+    recorded = run.config.to_json()
+    del recorded["warmup_epochs"]  # As if recorded before the field existed: default 0.
+    training.write_json(run.workdir / "results.json", {"config": recorded, "epochs": 10})
+    with pytest.raises(ValueError, match="holds a run with warmup_epochs=0, this sweep plans "
+                                         "warmup_epochs=1"):
+        sweep.finished_results(run)
+    recorded["warmup_epochs"] = 1
+    del recorded["dump_maps"]  # Default False, as planned.
+    training.write_json(run.workdir / "results.json", {"config": recorded, "epochs": 10})
+    assert sweep.finished_results(run)["epochs"] == 10
+
+
 def test_dry_run_prints_runner_commands(tmp_path, main):
     status, out, err = main("--table=cifar", "--dry_run", "--epochs=3", "--data_dir=/data/c10",
                             f"--results_dir={tmp_path}")
@@ -93,10 +142,12 @@ def test_dry_run_prints_runner_commands(tmp_path, main):
         f"--model_dir={tmp_path}/mnist/pde-pm-c8/seed2")
 
 
-@pytest.mark.parametrize("table, row", [("mnist", "pde-pm-c1"), ("cifar", "global-residual-vd")])
+@pytest.mark.parametrize("table, row", [("mnist", "pde-pm-c1"), ("cifar", "global-residual-vd"),
+                                        ("cifar-budget", "global-k1")])
 def test_command_builds_the_same_config(tmp_path, table, row):
     """The printed runner command parses to the Config the sweep trains."""
-    run = sweep.plan(table, tmp_path, rows=[row], seeds=2, **TINY)[1]
+    # 2 epochs: the budget table's 1-epoch warm-up needs more than one.
+    run = sweep.plan(table, tmp_path, rows=[row], seeds=2, **{**TINY, "epochs": 2})[1]
     runner = run.command[2].split(".")[1]
     script = textwrap.dedent(f"""
         import json, sys
@@ -189,10 +240,11 @@ def test_table_only_cifar_without_runs(tmp_path):
 
 
 @pytest.mark.parametrize("argv, line", [
-    (["--table=imagenet"], "error: flag --table=imagenet: value should be one of <mnist|cifar> "
+    (["--table=imagenet"], "error: flag --table=imagenet: value should be one of "
+                           "<mnist|cifar|cifar-budget> "
                            "(see --helpfull)"),
-    ([], "error: Invalid value for argument `table`: expected one of 'mnist', 'cifar'. "
-         "Received: table=None"),
+    ([], "error: Invalid value for argument `table`: expected one of 'mnist', 'cifar', "
+         "'cifar-budget'. Received: table=None"),
     (["--table=mnist", "--seeds=0"], "error: flag --seeds=0: 0 is not a bound "
                                      "(see --helpfull)"),
     (["--table=mnist", "--rows=conv-c1,bogus", "--dry_run"],

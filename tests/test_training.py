@@ -246,6 +246,10 @@ def test_train_and_evaluate_writes_every_output(tmp_path):
     assert results["version"] == training.pde_keras.__version__
     assert 0 <= results["test_accuracy"] <= 1 and math.isfinite(results["test_loss"])
     assert [row["epoch"] for row in _log_rows(tmp_path)] == ["0", "1"]
+    # Per-epoch training time (before the evaluation) and the throughput over all epochs.
+    train_times = [float(row["train_time_s"]) for row in _log_rows(tmp_path)]
+    assert all(t > 0 for t in train_times)
+    assert results["train_images_per_s"] == pytest.approx(2 * 128 / sum(train_times), rel=1e-3)
     assert list((tmp_path / "tensorboard").rglob("events.out.tfevents.*"))
     assert not (tmp_path / "backup").exists()
     assert not list(tmp_path.glob(".results.json.*"))  # no temporary files left

@@ -27,7 +27,7 @@ CIFAR_MODELS = tuple(n for n in models.names() if not n.startswith("mnist_"))
 MODEL_OPTION_FLAGS = (
     "diffusivity", "velocity", "init", "steps", "dt", "dx", "dy", "boundary",
     "diffusivity_constant", "perona_malik_lambda", "kernel_initializer",
-    "batchnorm_momentum", "batchnorm_epsilon",
+    "batchnorm_momentum", "batchnorm_epsilon", "coefficient_epsilon",
 )
 # Flags copied to the training Config field of the same name.
 CONFIG_FLAGS = (
@@ -77,6 +77,16 @@ def define_flags(runner):
             f"How the Global layers make the velocity (u, v). {model_default}")
         flags.DEFINE_enum(
             "init", None, global_layer.INITS, f"H^0 of the Global layers. {model_default}")
+        flags.DEFINE_string(
+            "coefficient_epsilon", None,
+            "Epsilon of the Global layers' coefficient batch norms (in front of the ReLUs "
+            f"that make u, v, Dx, Dy): '{global_layer.CHANNELS}' (the layer's channel count, "
+            "as the authors' code) or a positive number (1e-5: pde-keras 0.1.0, unstable). "
+            f"{model_default}")
+        flags.register_validator(
+            "coefficient_epsilon",
+            lambda value: value is None or _coefficient_epsilon(value) is not None,
+            f"--coefficient_epsilon must be '{global_layer.CHANNELS}' or a positive number")
     flags.DEFINE_integer("steps", None, f"PDE solver steps K. {model_default}")
     flags.DEFINE_float("dt", None, f"PDE time step. {model_default}")
     flags.DEFINE_float("dx", None, f"PDE grid spacing along the height. {model_default}")
@@ -172,6 +182,17 @@ def define_flags(runner):
         "backend).")
 
 
+def _coefficient_epsilon(text):
+    """'channels', a positive number from the flag's text, or None when invalid."""
+    if text == global_layer.CHANNELS:
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if 0 < value < float("inf") else None
+
+
 def config_from_flags(runner):
     """The `pde_keras.training.Config` the parsed flags describe."""
     if runner == "mnist":
@@ -181,6 +202,8 @@ def config_from_flags(runner):
     for name in MODEL_OPTION_FLAGS:
         if name in FLAGS and FLAGS[name].value is not None:
             options[name] = FLAGS[name].value
+    if "coefficient_epsilon" in options:
+        options["coefficient_epsilon"] = _coefficient_epsilon(options["coefficient_epsilon"])
     try:
         milestones = tuple(float(m) for m in FLAGS.step_milestones)
     except ValueError:

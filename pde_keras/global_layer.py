@@ -12,6 +12,8 @@ INITS = ("identity", "residual")
 # Maps predicted by sub-layers, and which option decides each one's branch.
 _VELOCITY_MAPS = ("u", "v")
 _DIFFUSIVITY_MAPS = ("Dx", "Dy")
+# coefficient_epsilon's default: the authors' epsilon, the channel count.
+CHANNELS = "channels"
 
 
 @keras.saving.register_keras_serializable(package="pde_keras")
@@ -66,7 +68,17 @@ class GlobalLayer(keras.layers.Layer):
         kernel_regularizer: optional regularizer of every convolution kernel.
         batchnorm_momentum: momentum of every batch normalisation (0.9,
             PyTorch's 0.1 in Keras' convention).
-        batchnorm_epsilon: epsilon of every batch normalisation.
+        batchnorm_epsilon: epsilon of the output batch normalisation and of
+            those inside residual blocks. Defaults to 1e-5 (PyTorch's).
+        coefficient_epsilon: epsilon of the four coefficient batch
+            normalisations, those in front of the ReLUs that make u, v, D_x
+            and D_y (whichever branch feeds them): `"channels"` (default)
+            uses the layer's number of channels, as the authors' code does
+            (`BatchNorm2d(planes, planes)`: PyTorch's second argument is
+            epsilon); a positive number sets it (`1e-5`: every batch norm
+            alike, the layer of pde-keras 0.1.0). The large epsilon damps the
+            learned velocities and diffusivities in inference mode: with 1e-5
+            ResNet32-Global blows up early in training (test loss 1e3-1e27).
         **kwargs: base `Layer` arguments (`name`, `dtype`, ...).
 
     Under a mixed-precision policy the sub-layers run in the compute dtype
@@ -100,7 +112,8 @@ class GlobalLayer(keras.layers.Layer):
                  diffusivity="depthwise", velocity="depthwise", init="identity",
                  diffusivity_constant=1.0, perona_malik_lambda=2.0,
                  kernel_initializer="he_normal", kernel_regularizer=None,
-                 batchnorm_momentum=0.9, batchnorm_epsilon=1e-5, **kwargs):
+                 batchnorm_momentum=0.9, batchnorm_epsilon=1e-5,
+                 coefficient_epsilon=CHANNELS, **kwargs):
         super().__init__(**kwargs)
         self.steps = validation.check_positive_int("steps", steps)
         self.dt = validation.check_float("dt", dt, positive=True)
@@ -120,12 +133,20 @@ class GlobalLayer(keras.layers.Layer):
             "batchnorm_momentum", batchnorm_momentum, non_negative=True, below_one=True)
         self.batchnorm_epsilon = validation.check_float(
             "batchnorm_epsilon", batchnorm_epsilon, positive=True)
+        if coefficient_epsilon != CHANNELS:
+            try:
+                coefficient_epsilon = validation.check_float(
+                    "coefficient_epsilon", coefficient_epsilon, positive=True)
+            except ValueError:
+                raise validation.invalid("coefficient_epsilon", f"{CHANNELS!r} or a positive "
+                                         "finite number", coefficient_epsilon) from None
+        self.coefficient_epsilon = coefficient_epsilon
 
     # -- construction -----------------------------------------------------
 
-    def _norm(self, name):
+    def _norm(self, name, epsilon=None):
         return layers.BatchNormalization(
-            momentum=self.batchnorm_momentum, epsilon=self.batchnorm_epsilon,
+            momentum=self.batchnorm_momentum, epsilon=self.batchnorm_epsilon if epsilon is None else epsilon,
             dtype=self.dtype_policy, name=name)
 
     def _residual_block(self, name):
@@ -136,20 +157,20 @@ class GlobalLayer(keras.layers.Layer):
             batchnorm_epsilon=self.batchnorm_epsilon,
             dtype=self.dtype_policy, name=name)
 
-    def _branch(self, kind, map_name):
+    def _branch(self, kind, map_name, epsilon):
         """The sub-layers that predict one map alone, before its ReLU.
 
         Depth-wise maps share one depth-wise conv (depth multiplier = their
         number; the same weights as separate convs, in one kernel) and then
         each has its own BN: BNs over the 4x larger fused tensor measured
         slower than four small ones (they fall out of the CPU cache).
+        Every branch ends in its coefficient BN, of epsilon `epsilon`.
         """
-        if kind == "depthwise":
-            return [self._norm(f"{map_name}_bn")]
+        if kind in ("depthwise", "identity"):
+            return [self._norm(f"{map_name}_bn", epsilon)]
         if kind == "residual":
-            return [self._residual_block(f"{map_name}_block"), self._norm(f"{map_name}_bn")]
-        if kind == "identity":
-            return [self._norm(f"{map_name}_bn")]
+            return [self._residual_block(f"{map_name}_block"),
+                    self._norm(f"{map_name}_bn", epsilon)]
         return []
 
     def build(self, input_shape):
@@ -173,7 +194,9 @@ class GlobalLayer(keras.layers.Layer):
                 depthwise_regularizer=self.kernel_regularizer,
                 dtype=self.dtype_policy, name="coefficient_conv")
             self.coefficient_conv.build(input_shape)
-        self.branches = {name: self._branch(kind, name) for name, kind in kinds.items()}
+        epsilon = (float(input_shape[-1]) if self.coefficient_epsilon == CHANNELS
+                   else self.coefficient_epsilon)
+        self.branches = {name: self._branch(kind, name, epsilon) for name, kind in kinds.items()}
         self.output_bn = self._norm("output_bn")
         sublayers = [self.output_bn] + [l for b in self.branches.values() for l in b]
         if self.init_block is not None:
@@ -303,5 +326,14 @@ class GlobalLayer(keras.layers.Layer):
             "kernel_regularizer": keras.regularizers.serialize(self.kernel_regularizer),
             "batchnorm_momentum": self.batchnorm_momentum,
             "batchnorm_epsilon": self.batchnorm_epsilon,
+            "coefficient_epsilon": self.coefficient_epsilon,
         })
         return config
+
+    @classmethod
+    def from_config(cls, config):
+        # Files saved before coefficient_epsilon existed (pde-keras 0.1.0)
+        # used batchnorm_epsilon for every batch norm: they keep computing so.
+        if "coefficient_epsilon" not in config:
+            config = {**config, "coefficient_epsilon": config.get("batchnorm_epsilon", 1e-5)}
+        return super().from_config(config)

@@ -1,6 +1,7 @@
 """Tests of GlobalLayer: wiring against NumPy, invariances, saving, errors."""
 
 import itertools
+import pathlib
 import re
 
 import keras
@@ -15,6 +16,7 @@ from pde_keras.global_layer import DIFFUSIVITIES, INITS, VELOCITIES
 pytestmark = pytest.mark.multibackend
 
 EPS = 1e-5  # the layer's default batchnorm_epsilon
+FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 
 
 def _inputs(shape=(2, 7, 9, 3), seed=0):
@@ -213,7 +215,8 @@ OPTION_SETS = (
     + [{"init": "residual"}, {"boundary": "neumann", "steps": 2, "dt": 0.1},
        {"boundary": "dirichlet", "dx": 2.0, "dy": 0.5},
        {"diffusivity": "constant", "diffusivity_constant": 0.5, "velocity": "zero"},
-       {"diffusivity": "perona_malik", "perona_malik_lambda": 3.0, "velocity": "identity"}]
+       {"diffusivity": "perona_malik", "perona_malik_lambda": 3.0, "velocity": "identity"},
+       {"coefficient_epsilon": 1e-3, "velocity": "residual"}]
 )
 
 
@@ -268,6 +271,75 @@ def test_mixed_precision_training_step_is_finite():
     assert np.all(np.isfinite(history.history["loss"]))
 
 
+# -- the coefficient batch norms' epsilon --------------------------------------
+
+
+def _batchnorm_epsilons(layer):
+    """{sub-layer path below the layer: epsilon} of every BN of a built layer."""
+    return {sub.path.split("/", 1)[1]: sub.epsilon
+            for sub in layer._flatten_layers(include_self=False)
+            if isinstance(sub, keras.layers.BatchNormalization)}
+
+
+@pytest.mark.parametrize("options, coefficient_bns", [
+    ({}, ["u_bn", "v_bn", "Dx_bn", "Dy_bn"]),
+    ({"velocity": "identity", "diffusivity": "residual", "init": "residual"},
+     ["u_bn", "v_bn", "Dx_bn", "Dy_bn"]),
+    ({"velocity": "residual", "diffusivity": "perona_malik"}, ["u_bn", "v_bn"]),
+    ({"velocity": "zero", "diffusivity": "constant"}, []),
+])
+def test_coefficient_batchnorms_take_the_channel_count_as_epsilon(options, coefficient_bns):
+    """As the authors' BatchNorm2d(planes, planes); every other BN keeps 1e-5."""
+    layer = pde_keras.GlobalLayer(**options)
+    layer.build((None, 8, 8, 6))
+    epsilons = _batchnorm_epsilons(layer)
+    assert sorted(name for name, eps in epsilons.items() if eps == 6.0) == sorted(coefficient_bns)
+    assert all(eps == EPS for name, eps in epsilons.items() if name not in coefficient_bns)
+    assert "output_bn" in epsilons
+    if options.get("init") == "residual":  # The residual blocks' own BNs keep PyTorch's default.
+        assert {"init_block/bn1", "init_block/bn2", "Dx_block/bn1"} <= set(epsilons)
+
+    layer = pde_keras.GlobalLayer(coefficient_epsilon=1e-3, **options)
+    layer.build((None, 8, 8, 6))
+    assert {name: eps for name, eps in _batchnorm_epsilons(layer).items() if eps == 1e-3} == {
+        name: 1e-3 for name in coefficient_bns}
+
+
+@pytest.mark.parametrize("options", [{}, {"velocity": "identity", "diffusivity": "residual"}])
+def test_coefficient_epsilon_acts_as_added_moving_variance(options):
+    """In inference mode epsilon c equals epsilon 1e-5 with moving variance + c - 1e-5."""
+    x = _inputs((2, 8, 8, 4))
+    authors = pde_keras.GlobalLayer(**options)  # epsilon 4 in front of the ReLUs
+    authors.build(x.shape)
+    _randomise_batchnorms(authors)
+    uniform = pde_keras.GlobalLayer(coefficient_epsilon=EPS, **options)
+    uniform.build(x.shape)
+    uniform.set_weights(authors.get_weights())
+    for branch in uniform.branches.values():
+        branch[-1].moving_variance.assign(branch[-1].moving_variance + 4.0 - EPS)
+    np.testing.assert_allclose(_np(uniform(x, training=False)), _np(authors(x, training=False)),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_files_saved_before_coefficient_epsilon_compute_what_they_did():
+    """A model of three GlobalLayers saved by pde-keras 0.1.0 (tests/fixtures/README.md)."""
+    model = keras.saving.load_model(FIXTURES / "global_layer_v0.1.0.keras")
+    saved = np.load(FIXTURES / "global_layer_v0.1.0.npz")
+    np.testing.assert_allclose(_np(model(saved["inputs"], training=False)), saved["outputs"],
+                               rtol=1e-4, atol=1e-4)
+    layers = model.layers[1:]
+    assert [layer.coefficient_epsilon for layer in layers] == [EPS] * 3
+    assert {eps for layer in layers for eps in _batchnorm_epsilons(layer).values()} == {EPS}
+    # The fixture tells the epsilons apart: today's default computes otherwise.
+    clone = keras.Model.from_config({
+        **model.get_config(),
+        "layers": [{**spec, "config": {**spec["config"], "coefficient_epsilon": "channels"}}
+                   if spec["class_name"] == "GlobalLayer" else spec
+                   for spec in model.get_config()["layers"]]})
+    clone.set_weights(model.get_weights())
+    assert np.max(np.abs(_np(clone(saved["inputs"], training=False)) - saved["outputs"])) > 0.1
+
+
 # -- errors --------------------------------------------------------------------
 
 
@@ -288,6 +360,9 @@ def test_mixed_precision_training_step_is_finite():
     ("perona_malik_lambda", 0, "a positive finite number"),
     ("batchnorm_momentum", 1.0, "a finite number >= 0 below 1"),
     ("batchnorm_epsilon", 0.0, "a positive finite number"),
+    ("coefficient_epsilon", 0.0, "'channels' or a positive finite number"),
+    ("coefficient_epsilon", "planes", "'channels' or a positive finite number"),
+    ("coefficient_epsilon", None, "'channels' or a positive finite number"),
 ])
 def test_bad_arguments(argument, value, expected):
     message = (f"Invalid value for argument `{argument}`: expected {expected}. "

@@ -172,7 +172,8 @@ def test_every_global_option_passes_through():
     options = {"velocity": "identity", "diffusivity": "constant", "init": "residual",
                "steps": 3, "dt": 0.1, "dx": 2.0, "dy": 0.5, "boundary": "neumann",
                "diffusivity_constant": 0.5, "perona_malik_lambda": 3.0,
-               "batchnorm_momentum": 0.99, "batchnorm_epsilon": 1e-3}
+               "batchnorm_momentum": 0.99, "batchnorm_epsilon": 1e-3,
+               "coefficient_epsilon": 2.0}
     assert set(options) | {"kernel_initializer", "kernel_regularizer"} == set(
         models.options("resnet32_global")) - {"num_classes", "input_shape", "name"}
     model = models.create("resnet32_global", kernel_regularizer="l2", **options)
@@ -183,7 +184,19 @@ def test_every_global_option_passes_through():
         assert config["kernel_regularizer"]["class_name"] == "L2"
     # The layer options reach the backbone too.
     assert model.get_layer("stem_bn").momentum == 0.99
+    assert model.get_layer("stem_bn").epsilon == 1e-3
     assert model.get_layer("stage2_block1_conv1").kernel_regularizer is not None
+
+
+def test_resnet32_global_coefficient_epsilon_is_each_stage_width(build):
+    """The authors' BatchNorm2d(planes, planes): epsilon 16, 32, 64 by stage."""
+    model = build("resnet32_global")
+    for stage, width in ((1, 16), (2, 32), (3, 64)):
+        layer = model.get_layer(f"stage{stage}_global")
+        assert layer.coefficient_epsilon == "channels"
+        assert [layer.branches[name][-1].epsilon for name in ("u", "v", "Dx", "Dy")] == [
+            float(width)] * 4
+        assert layer.output_bn.epsilon == 1e-5
 
 
 def test_mnist_pde_options_pass_through():

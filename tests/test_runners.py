@@ -156,6 +156,12 @@ FLAG_ERRORS = {
         (["--step_milestones=half", "--model_dir=x"],
          "error: Invalid value for argument `step_milestones`: expected comma-separated "
          "numbers. Received: step_milestones='half'"),
+        (["--coefficient_epsilon=planes", "--model_dir=x"],
+         "error: flag --coefficient_epsilon=planes: --coefficient_epsilon must be 'channels' "
+         "or a positive number (see --helpfull)"),
+        (["--coefficient_epsilon=0", "--model_dir=x"],
+         "error: flag --coefficient_epsilon=0: --coefficient_epsilon must be 'channels' "
+         "or a positive number (see --helpfull)"),
     ],
     "mnist": [
         (["--backbone=mlp"],
@@ -196,6 +202,21 @@ def test_flag_errors_are_one_line(runner):
     assert process.returncode == 0, process.stderr[-3000:]
     messages = [json.loads(line) for line in process.stdout.strip().splitlines()]
     assert messages == [line for _, line in FLAG_ERRORS[runner]]
+
+
+def test_coefficient_epsilon_flag_reaches_the_model_options():
+    process = _run(["-c", textwrap.dedent("""
+        from experiments import flags
+        flags.define_flags("cifar")
+        for value in ("channels", "1e-5", "16"):
+            flags.FLAGS.unparse_flags()
+            flags.parse_flags(["cifar", f"--coefficient_epsilon={value}", "--model_dir=x"])
+            print(flags.config_from_flags("cifar").model_options)
+    """)], timeout=120)
+    assert process.returncode == 0, process.stderr[-3000:]
+    assert process.stdout.splitlines() == [
+        "{'coefficient_epsilon': 'channels'}", "{'coefficient_epsilon': 1e-05}",
+        "{'coefficient_epsilon': 16.0}"]
 
 
 def test_bad_flag_exits_with_one_line(tmp_path):

@@ -30,6 +30,8 @@ setup(
         "numpy>=1.26",
         "absl-py>=2.0",
         "tensorflow-datasets>=4.9",
+        # tensorflow-datasets' download path imports it but does not declare it.
+        "importlib_resources>=5",
         "tensorboard>=2.16",  # keras.callbacks.TensorBoard; TensorFlow 2.21 no longer pulls it in
         "matplotlib>=3.7",
     ],

@@ -13,6 +13,9 @@ Sources:
 - ``"tfds"``: tensorflow-datasets (`mnist`, `cifar10`, `cifar100`), from
   `data_dir` (tfds' default directory when None). With ``download=False`` a
   dataset that is not prepared there is an error, never a network access.
+  Before a download, the dataset's host is probed (`PROBE_TIMEOUT_S`): an
+  unreachable one is a `DataError` within seconds, not after minutes of
+  tfds' retries; so is a download that fails on the way.
 - ``"local"``: the canonical files in `data_dir`: MNIST IDX files
   (``train-images-idx3-ubyte[.gz]``, ``train-labels-idx1-ubyte[.gz]``,
   ``t10k-images-idx3-ubyte[.gz]``, ``t10k-labels-idx1-ubyte[.gz]``), the
@@ -38,6 +41,8 @@ import io
 import pathlib
 import pickle
 import tarfile
+import urllib.error
+import urllib.request
 import zlib
 
 import numpy as np
@@ -52,6 +57,13 @@ CIFAR10_CLASSES = (
     "airplane", "automobile", "bird", "cat", "deer",
     "dog", "frog", "horse", "ship", "truck",
 )
+# Where tensorflow-datasets downloads each dataset from (its builders' URLs).
+TFDS_URLS = {
+    "mnist": "https://storage.googleapis.com/cvdf-datasets/mnist/",
+    "cifar10": "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz",
+    "cifar100": "https://www.cs.toronto.edu/~kriz/cifar-100-binary.tar.gz",
+}
+PROBE_TIMEOUT_S = 10
 MNIST_FILES = {
     "train_images": "train-images-idx3-ubyte",
     "train_labels": "train-labels-idx1-ubyte",
@@ -465,6 +477,20 @@ def _load_local(name, spec, root):
 def _load_tfds(name, data_dir, download):
     import tensorflow_datasets as tfds  # Deferred: slow to import.
 
+    from tensorflow_datasets.core import constants
+
+    title, where = _SPECS[name].title, str(data_dir or constants.DATA_DIR)
+    ways_on = (
+        "use local files instead (data_dir / --data_dir: "
+        f"{_SPECS[name].local_formats}), or prepare it with tfds where there is "
+        "network and read it with download=False (--nodownload)"
+    )
+    if download and not _tfds_prepared(tfds, name, data_dir):
+        reason = probe(TFDS_URLS[name])
+        if reason is not None:
+            raise DataError(
+                f"Cannot download {title}: tensorflow-datasets has no prepared copy in "
+                f"{where!r} and {TFDS_URLS[name]} is unreachable ({reason}); {ways_on}.")
     try:
         splits, info = tfds.load(
             name, split=["train", "test"], as_supervised=True, with_info=True,
@@ -472,11 +498,16 @@ def _load_tfds(name, data_dir, download):
         )
     except AssertionError as e:  # tfds' "could not find data" with download=False
         raise DataError(
-            f"tensorflow-datasets has no prepared {_SPECS[name].title} in "
-            f"{str(data_dir or '~/tensorflow_datasets')!r} and download=False "
-            f"({str(e).splitlines()[0]}); prepare it there with tfds, or use "
+            f"tensorflow-datasets has no prepared {title} in {where!r} and "
+            f"download=False ({str(e).splitlines()[0]}); prepare it there with tfds, or use "
             "another source."
         ) from None
+    except Exception as e:  # noqa: BLE001 - a failed download or preparation, any kind.
+        if not download:
+            raise
+        raise DataError(
+            f"tensorflow-datasets could not download and prepare {title} in {where!r} "
+            f"({type(e).__name__}: {_first_line(e)}); {ways_on}.") from None
     arrays = []
     for split in splits:
         images, labels = [], []
@@ -485,6 +516,40 @@ def _load_tfds(name, data_dir, download):
             labels.append(y)
         arrays += [np.concatenate(images), np.concatenate(labels)]
     return tuple(arrays), tuple(info.features["label"].names)
+
+
+def _tfds_prepared(tfds, name, data_dir):
+    """Whether tfds has `name` prepared in `data_dir`, without its warning that an
+    absent version folder "has no dataset_info.json"."""
+    from absl import logging
+
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity(logging.ERROR)
+    try:
+        return tfds.builder(name, data_dir=data_dir).is_prepared()
+    finally:
+        logging.set_verbosity(verbosity)
+
+
+def probe(url, timeout=PROBE_TIMEOUT_S):
+    """Whether `url`'s server answers: None if it does, else the reason (one line).
+
+    A HEAD request through the environment's proxies; any HTTP answer, an
+    error status included, counts as reachable.
+    """
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"),
+                                    timeout=timeout):
+            return None
+    except urllib.error.HTTPError:
+        return None
+    except (urllib.error.URLError, OSError) as error:
+        return _first_line(getattr(error, "reason", error))
+
+
+def _first_line(error):
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _synthetic(spec, train_size, test_size, seed=0):

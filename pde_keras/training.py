@@ -7,9 +7,10 @@ behind a per-channel normalisation, trains it with SGD (momentum 0.9,
 Nesterov) under a learning-rate schedule, evaluates it on the test split
 and writes into `workdir`:
 
-- `config.json`: the configuration (written at the start);
+- `config.json`: the configuration (written once the data is loaded);
 - `log.csv`: one row per epoch (`keras.callbacks.CSVLogger`, appended to
-  when a run resumes);
+  when a run resumes), with the epoch's training time (`EpochTimer`) and
+  every PDE layer's Courant and diffusion numbers (`StabilityMonitor`);
 - `tensorboard/`: TensorBoard event files;
 - `last.keras` (after every epoch) and `best.keras` (best `val_accuracy`);
   both take raw pixel values 0-255 (the normalisation is inside);
@@ -68,12 +69,15 @@ import keras
 import numpy as np
 
 import pde_keras
-from pde_keras import data, validation
+from pde_keras import data, inspection, validation
 
 SCHEDULES = ("cosine", "step", "constant")
 AUGMENTATIONS = ("auto", "none", "crop", "crop_flip")
 DISTRIBUTIONS = ("none", "mirrored", "data_parallel")
 PAD = 4
+# Test images on which the PDE layers' Courant and diffusion numbers are
+# measured after every epoch (the first of the test split, always the same).
+STABILITY_IMAGES = 64
 # Config fields that must match for a run to resume from a workdir's backup.
 _RESUME_FIELDS = ("dataset", "model", "model_options")
 
@@ -249,11 +253,11 @@ def train_and_evaluate(config, workdir, callbacks=()):
     if not isinstance(config, Config):
         raise validation.invalid("config", "a pde_keras.training.Config", config)
     workdir = pathlib.Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
     initial_epoch = _check_resume(config, workdir)
-    write_json(workdir / "config.json", config.to_json())
-
     dataset, train, test = load_splits(config)
+    # Only once the data is there: a run that cannot start writes nothing.
+    workdir.mkdir(parents=True, exist_ok=True)
+    write_json(workdir / "config.json", config.to_json())
     mean, std = channel_stats(train[0])
     augmentation = config.augmentation
     if augmentation == "auto":
@@ -280,7 +284,7 @@ def train_and_evaluate(config, workdir, callbacks=()):
 
         core = pde_keras.models.create(
             config.model, **{"num_classes": dataset.info.num_classes, **config.model_options})
-        if config.dump_maps and not _maps().pde_layers(core):
+        if config.dump_maps and not inspection.pde_layers(core):
             raise validation.invalid(
                 "dump_maps", f"False for model {config.model!r}, which has no PDE layers "
                 "(GlobalLayer, AdvectionDiffusion)", config.dump_maps)
@@ -301,10 +305,11 @@ def train_and_evaluate(config, workdir, callbacks=()):
             jit_compile=config.jit_compile,
         )
         backup = _BackupAndRestore(str(workdir / "backup"), double_checkpoint=True)
-        timer = EpochTimer()
+        # Before the loggers, which record what these add to the epoch's logs.
+        measures = [EpochTimer(), StabilityMonitor(test[0][:STABILITY_IMAGES])]
         history = model.fit(
             train_data, epochs=config.epochs, validation_data=test_data,
-            callbacks=[timer] + _callbacks(workdir, initial_epoch) + list(callbacks) + [backup],
+            callbacks=measures + _callbacks(workdir, initial_epoch) + list(callbacks) + [backup],
             verbose=_fit_verbosity(config.verbose),
             shuffle=False,  # make_dataset shuffles
         )
@@ -322,7 +327,8 @@ def train_and_evaluate(config, workdir, callbacks=()):
 
     epochs_done = max((epoch + 1 for epoch in history.epoch), default=initial_epoch)
     best_accuracy, best_epoch = _best_epoch(workdir / "log.csv")
-    train_time = _column_total(workdir / "log.csv", EpochTimer.KEY)
+    log = _read_log(workdir / "log.csv")
+    train_time = [float(t) for t in log.get(EpochTimer.KEY, []) if t]
     if best_accuracy is None:  # No epoch logged (e.g. resumed after the last one).
         best_accuracy, best_epoch = float(test_metrics["accuracy"]), epochs_done
     macs = pde_keras.count_macs(core)
@@ -341,8 +347,14 @@ def train_and_evaluate(config, workdir, callbacks=()):
         # Over every epoch in log.csv (resumed parts included): the fit loop
         # alone, without start-up and the per-epoch evaluation.
         "train_images_per_s": (
-            round(train_time[1] * images_per_epoch / train_time[0], 2)
+            round(len(train_time) * images_per_epoch / sum(train_time), 2)
             if train_time else None),
+        # Per PDE layer, per epoch (log.csv): see StabilityMonitor.
+        "stability": {
+            layer.name: {number: [float(v) if v else None
+                                  for v in log.get(f"{layer.name}_{number}", [])]
+                         for number in StabilityMonitor.NUMBERS}
+            for layer in inspection.pde_layers(core)},
         "epochs": epochs_done,
         "resumed_from_epoch": initial_epoch,
         "train_examples": int(len(train[1])),
@@ -576,6 +588,34 @@ class EpochTimer(keras.callbacks.Callback):
             logs[self.KEY] = round(elapsed, 3)
 
 
+class StabilityMonitor(keras.callbacks.Callback):
+    """Logs each PDE layer's largest Courant and diffusion numbers per epoch.
+
+    Measured on a fixed batch of test images in inference mode
+    (`pde_keras.inspection.stability_numbers`) and added to the epoch's logs
+    as `<layer>_courant` and `<layer>_diffusion_number`, so that `CSVLogger`
+    and `TensorBoard` placed after it record them. The scheme's leapfrog
+    advection needs a Courant number below 1. Nothing is logged for models
+    without PDE layers.
+
+    Args:
+        images: the batch, as the trained model takes it (raw pixels).
+    """
+
+    NUMBERS = ("courant", "diffusion_number")
+
+    def __init__(self, images):
+        super().__init__()
+        self.images = np.asarray(images, dtype="float32")
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is None:
+            return
+        for layer, measured in inspection.stability_numbers(self.model, self.images).items():
+            for number in self.NUMBERS:
+                logs[f"{layer}_{number}"] = measured[number]
+
+
 def _callbacks(workdir, initial_epoch):
     resuming = initial_epoch > 0
     best_accuracy, _ = _best_epoch(workdir / "log.csv") if resuming else (None, None)
@@ -614,26 +654,24 @@ def _check_resume(config, workdir):
 
 def _best_epoch(log_path):
     """(best val_accuracy, its 1-based epoch) in the CSV log, or (None, None)."""
-    try:
-        with open(log_path, newline="") as f:
-            rows = [row for row in csv.DictReader(f) if row.get("val_accuracy")]
-    except OSError:
-        return None, None
-    if not rows:
-        return None, None
-    best = max(rows, key=lambda row: float(row["val_accuracy"]))
-    return float(best["val_accuracy"]), int(best["epoch"]) + 1
+    log = _read_log(log_path)
+    rows = [(float(accuracy), int(epoch) + 1)
+            for accuracy, epoch in zip(log.get("val_accuracy", []), log.get("epoch", []))
+            if accuracy]
+    # The first of equal accuracies, as ModelCheckpoint keeps it.
+    return max(rows, key=lambda row: row[0]) if rows else (None, None)
 
 
-def _column_total(log_path, column):
-    """(sum, count) of a numeric column over the rows of the CSV log that have it,
-    or None when none has."""
+def _read_log(log_path):
+    """The CSV log as `{column: [text per epoch]}` ("" where a row lacks it);
+    `{}` when there is none."""
     try:
         with open(log_path, newline="") as f:
-            values = [float(row[column]) for row in csv.DictReader(f) if row.get(column)]
+            rows = list(csv.DictReader(f))
     except OSError:
-        return None
-    return (sum(values), len(values)) if values else None
+        return {}
+    columns = dict.fromkeys(key for row in rows for key in row)
+    return {column: [row.get(column) or "" for row in rows] for column in columns}
 
 
 @contextlib.contextmanager

@@ -1,11 +1,14 @@
 """Data sources: bundled MNIST, local IDX / CIFAR batches / image trees, tfds, synthetic."""
 
 import gzip
+import http.server
 import pathlib
 import pickle
 import re
 import shutil
+import socket
 import tarfile
+import threading
 
 import numpy as np
 import pytest
@@ -343,6 +346,68 @@ def test_tfds_not_prepared_without_download(tmp_path):
         "tf.data.Dataset object.); prepare it there with tfds, or use another source."
     ):
         data.load("cifar100", "tfds", str(tmp_path), download=False)
+
+
+@pytest.fixture
+def no_proxies(monkeypatch):
+    for name in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "no_proxy",
+                 "NO_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
+def closed_port_url():
+    """An http URL on the loopback interface where nothing listens."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}/cifar-10-binary.tar.gz"
+
+
+def test_probe_tells_a_server_from_no_server(no_proxies, closed_port_url):
+    server = http.server.HTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    thread = threading.Thread(target=server.handle_request, daemon=True)
+    thread.start()
+    try:
+        # Any answer counts, an error status (here 501: no HEAD handler) included.
+        assert data.probe(f"http://127.0.0.1:{server.server_port}/x", timeout=5) is None
+    finally:
+        thread.join(5)
+        server.server_close()
+    assert data.probe(closed_port_url, timeout=5) == "[Errno 111] Connection refused"
+
+
+def _fail_if_called(*args, **kwargs):
+    raise AssertionError("tfds.load was called")
+
+
+def test_tfds_download_from_an_unreachable_host_fails_at_once(
+        tmp_path, monkeypatch, no_proxies, closed_port_url):
+    monkeypatch.setitem(data.TFDS_URLS, "cifar10", closed_port_url)
+    monkeypatch.setattr(tfds, "load", _fail_if_called)
+    with _raises(
+        f"Cannot download CIFAR-10: tensorflow-datasets has no prepared copy in '{tmp_path}' "
+        f"and {closed_port_url} is unreachable ([Errno 111] Connection refused); use local "
+        "files instead (data_dir / --data_dir: the CIFAR-10 python batches "
+        "(cifar-10-batches-py/ or cifar-10-python.tar.gz), or a class-per-folder image tree "
+        "train/<class>/*.jpg and test/<class>/*.jpg (.bmp, .gif, .jpeg, .jpg, .png)), or "
+        "prepare it with tfds where there is network and read it with download=False "
+        "(--nodownload)."
+    ):
+        data.load("cifar10", "tfds", str(tmp_path))
+    assert list(tmp_path.iterdir()) == []  # Nothing written.
+
+
+def test_tfds_download_that_fails_on_the_way_is_one_data_error(tmp_path, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise ConnectionError("Connection reset by peer\nretries exhausted")
+
+    monkeypatch.setattr(data, "probe", lambda url: None)
+    monkeypatch.setattr(tfds, "load", interrupted)
+    with pytest.raises(DataError, match=re.escape(
+            f"tensorflow-datasets could not download and prepare CIFAR-100 in '{tmp_path}' "
+            "(ConnectionError: Connection reset by peer); use local files instead")):
+        data.load("cifar100", "tfds", str(tmp_path))
 
 
 def test_synthetic_is_deterministic_and_structured():

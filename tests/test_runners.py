@@ -247,6 +247,31 @@ def test_missing_data_dir(tmp_path):
         "train/<class>/*.jpg and test/<class>/*.jpg (.bmp, .gif, .jpeg, .jpg, .png).")
 
 
+def test_headline_command_without_network_stops_at_once(tmp_path):
+    """`python -m experiments.cifar --diffusivity=perona_malik` with CIFAR-10 in no tfds
+    directory and a download target that cannot resolve (every proxy is a
+    `.invalid` host): one line naming what was tried and the ways on, exit 1,
+    within seconds, and no run directory."""
+    proxy = "http://proxy.invalid:3128"
+    start = time.monotonic()
+    process = _runner(
+        "cifar", "--diffusivity=perona_malik", f"--model_dir={tmp_path / 'run'}", timeout=120,
+        TFDS_DATA_DIR=str(tmp_path / "tfds"), http_proxy=proxy, https_proxy=proxy,
+        HTTP_PROXY=proxy, HTTPS_PROXY=proxy, no_proxy="", NO_PROXY="")
+    elapsed = time.monotonic() - start
+    assert process.returncode == 1, process.stderr[-3000:]
+    assert "Traceback" not in process.stderr and process.stdout == ""
+    line = process.stderr.strip().splitlines()[-1]
+    assert line.startswith(
+        f"error: Cannot download CIFAR-10: tensorflow-datasets has no prepared copy in "
+        f"'{tmp_path / 'tfds'}' and https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz "
+        "is unreachable ("), line
+    assert line.endswith("read it with download=False (--nodownload)."), line
+    assert [l for l in process.stderr.splitlines() if l.startswith("error")] == [line]
+    assert elapsed < 60, elapsed
+    assert not (tmp_path / "run").exists() and not (tmp_path / "tfds").exists()
+
+
 # -------------------------------------------------------- kill and resume
 
 

@@ -10,7 +10,7 @@ import keras
 import numpy as np
 import pytest
 
-from pde_keras import training
+from pde_keras import inspection, training
 from pde_keras.training import Config
 
 pytestmark = pytest.mark.multibackend
@@ -216,6 +216,23 @@ def test_decoupled_weight_decay_adds_no_penalty():
     assert model.losses == []
 
 
+def test_pde_layers_courant_numbers_are_logged_per_epoch(tmp_path):
+    config = Config(epochs=2, **{**TINY, "model": "mnist_pde"})
+    results = training.train_and_evaluate(config, tmp_path)
+    rows = _log_rows(tmp_path)
+    assert results["stability"] == {"pde": {
+        number: [float(row[f"pde_{number}"]) for row in rows]
+        for number in ("courant", "diffusion_number")}}
+    # D = 1 with dt = 0.2, dx = dy = 1: diffusion number 0.4; the velocity is learned.
+    assert results["stability"]["pde"]["diffusion_number"] == pytest.approx([0.4, 0.4])
+    assert all(c > 0 for c in results["stability"]["pde"]["courant"])
+    # The logged numbers are those of the final model on the first 64 test images.
+    last = keras.saving.load_model(tmp_path / "last.keras")
+    images = training.load_splits(config)[2][0][:training.STABILITY_IMAGES]
+    assert inspection.stability_numbers(last, images)["pde"]["courant"] == pytest.approx(
+        results["stability"]["pde"]["courant"][-1], rel=1e-5)
+
+
 def test_classifier_normalises_per_channel():
     core = keras.Sequential([keras.Input((2, 2, 3)), keras.layers.Flatten()])
     model = training.build_classifier(core, (2, 2, 3), [10.0, 20.0, 30.0], [1.0, 2.0, 5.0])
@@ -250,6 +267,7 @@ def test_train_and_evaluate_writes_every_output(tmp_path):
     train_times = [float(row["train_time_s"]) for row in _log_rows(tmp_path)]
     assert all(t > 0 for t in train_times)
     assert results["train_images_per_s"] == pytest.approx(2 * 128 / sum(train_times), rel=1e-3)
+    assert results["stability"] == {}  # No PDE layers.
     assert list((tmp_path / "tensorboard").rglob("events.out.tfevents.*"))
     assert not (tmp_path / "backup").exists()
     assert not list(tmp_path.glob(".results.json.*"))  # no temporary files left

@@ -24,13 +24,11 @@ import pathlib
 import keras
 import numpy as np
 
-from pde_keras import training, validation
+from pde_keras import inspection, training, validation
 from pde_keras.advection_diffusion import AdvectionDiffusion
-from pde_keras.global_layer import GlobalLayer
+from pde_keras.inspection import pde_layers
 
 CHECKPOINTS = ("last", "best")
-# The layers whose maps the figures draw; both have `coefficient_maps`.
-PDE_LAYER_TYPES = (GlobalLayer, AdvectionDiffusion)
 WRITTEN_BY = "written by pde_keras.training (python -m experiments.mnist / experiments.cifar)"
 
 
@@ -220,20 +218,6 @@ def read_image(path, shape):
     return pixels.reshape(height, width, channels)
 
 
-def pde_layers(model):
-    """The PDE layers (`GlobalLayer`, `AdvectionDiffusion`) of `model`, input side first.
-
-    Layers of nested models (e.g. the core of a training classifier) count.
-    """
-    found = []
-    for layer in model.layers:
-        if isinstance(layer, PDE_LAYER_TYPES):
-            found.append(layer)
-        elif isinstance(layer, keras.Model):
-            found += pde_layers(layer)
-    return found
-
-
 def require_pde_layers(model, where):
     """`pde_layers(model)`, or a `VisualizeError` naming `where` if there are none."""
     layers = pde_layers(model)
@@ -242,35 +226,6 @@ def require_pde_layers(model, where):
             f"The model {where} ({model.name}) has no PDE layers (GlobalLayer or "
             "AdvectionDiffusion): no coefficient maps to draw.")
     return layers
-
-
-def _locate(model, wanted):
-    """`(preprocess, inner)`: the (nested) functional model `inner` whose own
-    layers include one that `wanted(layer)` accepts, and the function from
-    `model`'s input batch to `inner`'s.
-
-    A wrapper such as `training.build_classifier` (pixels -> normalise ->
-    core -> logits) is a chain: the layers before the nested model are
-    applied in order, so the core sees exactly what it saw in training.
-    """
-    if any(wanted(layer) for layer in model.layers):
-        return (lambda batch: batch), model
-    for position, layer in enumerate(model.layers):
-        if isinstance(layer, keras.Model):
-            try:
-                preprocess, inner = _locate(layer, wanted)
-            except LookupError:
-                continue
-            before = [l for l in model.layers[:position]
-                      if not isinstance(l, keras.layers.InputLayer)]
-
-            def chain(batch, before=before, preprocess=preprocess):
-                for step in before:
-                    batch = step(batch)
-                return preprocess(batch)
-
-            return chain, inner
-    raise LookupError(model.name)
 
 
 def layer_maps(model, image):
@@ -286,11 +241,9 @@ def layer_maps(model, image):
         exactly its `coefficient_maps` of the input it gets in the model.
     """
     require_pde_layers(model, repr(model.name))
-    preprocess, inner = _locate(model, lambda layer: isinstance(layer, PDE_LAYER_TYPES))
-    layers = [layer for layer in inner.layers if isinstance(layer, PDE_LAYER_TYPES)]
-    inputs = _run_to(inner, preprocess, image, [layer.input for layer in layers])
     result = []
-    for index, (layer, layer_input) in enumerate(zip(layers, inputs)):
+    batch = np.asarray(image)[None]
+    for index, (layer, layer_input) in enumerate(inspection.pde_layer_inputs(model, batch)):
         maps = layer.coefficient_maps(layer_input)
         maps = {name: _numpy(value) for name, value in maps.items()}
         source = layer_input[0] if isinstance(layer, AdvectionDiffusion) else layer_input
@@ -307,22 +260,16 @@ def layer_outputs(model, image, names):
     """
     names = list(names)
     try:
-        preprocess, inner = _locate(model, lambda layer: layer.name in names)
+        preprocess, inner = inspection.locate(model, lambda layer: layer.name in names)
     except LookupError:
         inner = None
     missing = [name for name in names
                if inner is None or name not in [layer.name for layer in inner.layers]]
     if missing:
         raise VisualizeError(f"The model {model.name!r} has no layer {missing[0]!r}.")
-    outputs = _run_to(inner, preprocess, image, [inner.get_layer(name).output for name in names])
+    outputs = inspection.run_to(inner, preprocess, np.asarray(image)[None],
+                                [inner.get_layer(name).output for name in names])
     return [_numpy(output) for output in outputs]
-
-
-def _run_to(inner, preprocess, image, tensors):
-    """Evaluates the symbolic `tensors` of `inner` for one image; a list, in order."""
-    feed = keras.Model(inner.input, {str(i): tensor for i, tensor in enumerate(tensors)})
-    values = feed(preprocess(np.asarray(image, dtype="float32")[None]))
-    return [values[str(i)] for i in range(len(tensors))]
 
 
 def _numpy(tensor):

@@ -283,9 +283,17 @@ def test_curves_command(trained, tmp_path):
     dirs = ",".join(str(trained / name) for name in ("conv", "pde", "pde_pm"))
     lines = _ok(_run("visualize.curves", f"--model_dirs={dirs}", f"--out={tmp_path / 'c.png'}"))
     assert lines == [f"wrote {tmp_path / 'c.png'}"]
-    _png(tmp_path / "c.png", (1200, 460))
+    # The PDE runs logged their layer's Courant numbers: a third panel.
+    _png(tmp_path / "c.png", (1700, 460))
     log = evaluation.read_log(trained / "pde")
-    assert list(log["epoch"]) == [1] and {"accuracy", "val_accuracy", "cross_entropy"} <= set(log)
+    assert list(log["epoch"]) == [1] and {"accuracy", "val_accuracy", "cross_entropy",
+                                          "pde_courant"} <= set(log)
+    assert len(evaluation.curves_figure([("pde", log)]).axes) == 3
+    # Without PDE layers, loss and accuracy only.
+    conv = evaluation.read_log(trained / "conv")
+    assert not any(name.endswith("_courant") for name in conv)
+    evaluation.write_curves([trained / "conv", trained / "residual"], tmp_path / "conv.png")
+    _png(tmp_path / "conv.png", (1200, 460))
 
 
 def test_default_labels(trained):

@@ -26,6 +26,9 @@ from visualize import plots, runs
 
 CONFUSION_PANEL_PX = (560, 520)
 CURVES_PX = (1200, 460)
+# With the PDE layers' Courant numbers as a third panel.
+CURVES_COURANT_PX = (1700, 460)
+COURANT_SUFFIX = "_courant"
 DEFAULT_PAIR = (3, 5)
 # Counts are written in the cells up to this many classes (CIFAR-10, MNIST).
 ANNOTATE_UP_TO = 20
@@ -199,14 +202,27 @@ def curves_figure(logs):
     """Loss and accuracy against the epoch; `logs` is `[(label, read_log(...))]`.
 
     One colour per run, train dashed and test solid; the legend (right)
-    names the runs and the two line styles.
+    names the runs and the two line styles. When runs logged their PDE
+    layers' Courant numbers (`<layer>_courant`), a third panel draws them,
+    one marker per layer (the scheme's advection needs them below 1).
     """
     from matplotlib.lines import Line2D
 
-    fig = plots.figure(*CURVES_PX)
-    axes = fig.subplots(1, 2)
+    layers = list(dict.fromkeys(name[:-len(COURANT_SUFFIX)] for _, log in logs
+                                for name in log if name.endswith(COURANT_SUFFIX)))
+    fig = plots.figure(*(CURVES_COURANT_PX if layers else CURVES_PX))
+    axes = fig.subplots(1, 3 if layers else 2)
     colours = [f"C{i % 10}" for i in range(len(logs))]
+    markers = dict(zip(layers, "os^vD<>pP*"))
     last_epoch = max(int(log["epoch"][-1]) for _, log in logs)
+    if layers:
+        for colour, (_, log) in zip(colours, logs):
+            for layer in layers:
+                if layer + COURANT_SUFFIX in log:
+                    axes[2].plot(log["epoch"], log[layer + COURANT_SUFFIX],
+                                 "-" + markers.get(layer, "o"), color=colour, markersize=4)
+        axes[2].axhline(1.0, color="red", linewidth=0.8, linestyle=":")
+        axes[2].set_title("largest Courant number (test images, inference)", fontsize=10)
     for ax, metric, title in ((axes[0], "cross_entropy", "loss (cross-entropy)"),
                               (axes[1], "accuracy", "accuracy")):
         for colour, (_, log) in zip(colours, logs):
@@ -217,8 +233,9 @@ def curves_figure(logs):
                     values = log.get(prefix + "loss")
                 if values is not None:
                     ax.plot(log["epoch"], values, style, color=colour, markersize=3)
-        ax.set_xlabel("epoch")
         ax.set_title(title, fontsize=10)
+    for ax in axes:
+        ax.set_xlabel("epoch")
         ax.set_xlim(0.5, last_epoch + 0.5)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
@@ -226,9 +243,13 @@ def curves_figure(logs):
                for colour, (label, _) in zip(colours, logs)]
     handles += [Line2D([], [], color="black", linestyle="--", label="train"),
                 Line2D([], [], color="black", label="test")]
-    fig.legend(handles=handles, loc="center left", bbox_to_anchor=(0.7, 0.5), fontsize=8,
-               handlelength=3, frameon=False)
-    fig.subplots_adjust(left=0.06, right=0.69, bottom=0.12, top=0.9, wspace=0.25)
+    handles += [Line2D([], [], color="black", marker=markers[layer], label=layer)
+                for layer in layers]
+    right = 0.78 if layers else 0.69
+    fig.legend(handles=handles, loc="center left", bbox_to_anchor=(right + 0.01, 0.5),
+               fontsize=8, handlelength=3, frameon=False)
+    fig.subplots_adjust(left=0.05 if layers else 0.06, right=right, bottom=0.12, top=0.9,
+                        wspace=0.25)
     return fig
 
 

@@ -312,10 +312,13 @@ def write_table(table, runs, results_dir, command):
         notes.append("Published: the paper's 1-channel accuracies (its Conv / Residual / "
                      "Global nets, 524 params); the report's Table 1.")
     elif table == "cifar-budget":
-        notes.append("Published: converged accuracies (the paper's ResNet-32 and ResNet-Global, "
-                     "300 epochs; the report's Perona-Malik row, 200 epochs), not comparable with "
-                     "this short budget. Train img/s: training images per second of the fit loop "
-                     "(evaluation and start-up excluded), over all epochs.")
+        notes.append("Data: this project's runs use the JPEG quality-75 copy of CIFAR-10 "
+                     "(`shared/data/cifar10-jpeg`, all 50,000 / 10,000 images): lossy, so accuracies "
+                     "are lower than on the original pixels. Published: converged accuracies (the "
+                     "paper's ResNet-32 and ResNet-Global, 300 epochs; the report's rows, 200 "
+                     "epochs), not comparable with this short budget. Train img/s: training images "
+                     "per second of the fit loop (evaluation and start-up excluded) over all epochs, "
+                     "on whatever machine and load the run had.")
     else:
         baseline = next(row for row in tables.ROWS if row.slug == "resnet32-3stage")
         notes.append(f"Published: the report's Table 2. The paper's ResNet-32 has 3 stages "

@@ -213,6 +213,8 @@ def sweep(runs, log=print):
             log(f"[{index}/{len(runs)}] left out: {error}")
             failed.append(run)
             continue
+        except OSError as error:  # Writing (a full disk): the next runs would fail too.
+            raise ValueError(runner_flags.write_error(error, str(run.workdir))) from None
         if run.table == "mnist":
             confusion(run)
         log(f"[{index}/{len(runs)}] {runner_flags.summary(results, run.workdir / 'results.json')}")
@@ -232,13 +234,13 @@ def _readable_results(run):
 def confusion(run):
     """The confusion matrix of `run`'s final model (`last.keras`) on its test split.
 
-    Cached in `<workdir>/confusion.json`; computed (and cached) when missing;
-    None when neither the cache nor the checkpoint exists.
+    Cached in `<workdir>/confusion.json`; computed (and cached) when missing
+    or unreadable; None when neither the cache nor the checkpoint exists.
     """
     path = run.workdir / CONFUSION_FILE
     try:
-        return json.loads(path.read_text())["matrix"]
-    except FileNotFoundError:
+        return training.read_json(path)["matrix"]
+    except (FileNotFoundError, training.UnreadableFileError, KeyError):
         if not (run.workdir / "last.keras").exists():
             return None
     matrix = training.checkpoint_confusion(run.config, run.workdir / "last.keras").tolist()
@@ -288,7 +290,7 @@ def render_table(table, runs):
         accuracy = [100 * results["test_accuracy"] for _, results in done]
         # A resumed run's wall time covers only its last part: left out.
         wall = [results["wall_time_s"] / 60 for _, results in done
-                if not results.get("resumed_from_epoch")]
+                if not (results.get("resumed_from_epoch") or results.get("resumed_from_step"))]
         epochs = sorted({results["epochs"] for _, results in done})
         cells = [f"`{slug}`", f"`{row.name}`", row.variant, f"{params:,}",
                  tables.format_macs(macs["paper"]), tables.format_macs(macs["total"]),
@@ -419,6 +421,9 @@ def main(argv):
             raise ValueError(
                 f"{len(failed)} of {len(runs)} runs left out, their directories unreadable "
                 f"(see the 'left out' lines above): {', '.join(str(r.workdir) for r in failed)}")
+    except training.Interrupted as interruption:  # SIGTERM, SIGINT: the run is backed up.
+        print(interruption, file=sys.stderr, flush=True)
+        sys.exit(128 + interruption.signum)
     except (ValueError, training.TrainingDivergedError) as error:
         logging.debug("Error details:", exc_info=True)
         sys.exit(f"error: {error}")

@@ -632,7 +632,8 @@ class _BackupAndRestore(keras.callbacks.BackupAndRestore):
     def __init__(self, backup_dir, save_freq="epoch", backups=()):
         super().__init__(backup_dir, save_freq=save_freq, delete_checkpoint=False)
         self.backups = list(backups)
-        self._skip = 0  # Batches of the current epoch skipped on resume.
+        # Where `restore` resumed: the epoch, and its steps done before the backup.
+        self._resume_epoch, self._skip = None, 0
 
     def restore(self, model):
         """Loads the newest loadable backup into `model` (compiled).
@@ -669,7 +670,7 @@ class _BackupAndRestore(keras.callbacks.BackupAndRestore):
 
     def on_epoch_begin(self, epoch, logs=None):
         self._current_epoch = epoch
-        if self._skip and epoch == getattr(self, "_resume_epoch", None):
+        if self._skip and epoch == self._resume_epoch:
             self._skip_batches(self._skip)
         else:
             self._skip = 0
@@ -714,9 +715,17 @@ class _BackupAndRestore(keras.callbacks.BackupAndRestore):
             os.replace(incomplete, final)
         finally:
             shutil.rmtree(incomplete, ignore_errors=True)
-        # Only now that the new backup is complete: keep it and the previous one.
-        for stale in _backup_candidates(backup_dir)[2:]:
-            stale.remove()
+        # Only now that the new backup is complete: keep it and the newest readable
+        # one before it. Unreadable ones, and those after it (of a resume that fell
+        # back past them), are never resumed from again.
+        previous = None
+        for backup in _backup_candidates(backup_dir):
+            if backup.path == final:
+                continue
+            if previous is None and backup.order < (1, epoch, step) and backup.error() is None:
+                previous = backup
+            else:
+                backup.remove()
         for leftover in backup_dir.glob(_INCOMPLETE + "*"):
             shutil.rmtree(leftover, ignore_errors=True)
 

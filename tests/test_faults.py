@@ -154,6 +154,14 @@ def test_corrupt_latest_backup_falls_back_to_the_previous(interrupted, tmp_path)
     assert len(warnings) == 1 and str(weights) in warnings[0], process.stderr[-3000:]
 
 
+def test_truncated_latest_metadata_falls_back_to_the_previous(interrupted, tmp_path):
+    workdir = _copy(interrupted, tmp_path)
+    latest, previous = reversed(_backups(workdir))
+    metadata = workdir / "backup" / latest / "training_metadata.json"
+    metadata.write_text(metadata.read_text()[:5])
+    assert [backup.path.name for backup in training.find_backups(workdir)] == [previous]
+
+
 def test_every_backup_truncated_exits_1_and_restart_trains_from_scratch(
         interrupted, tmp_path):
     workdir = _copy(interrupted, tmp_path)

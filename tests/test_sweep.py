@@ -220,6 +220,16 @@ def test_tiny_sweep_skips_finished_runs_and_writes_table(tmp_path):
     with pytest.raises(ValueError, match="holds a run with epochs=1, this sweep plans epochs=2"):
         sweep.sweep(other)
 
+    # A garbled results.json: one line naming it, and the sweep goes on with the others.
+    (runs[0].workdir / "results.json").write_text('{"test_accuracy": 0.9')
+    logs = []
+    assert sweep.sweep(runs, log=logs.append) == ([], [runs[0]])
+    assert logs[0].startswith(
+        f"[1/4] left out: cannot read '{runs[0].workdir}/results.json': Expecting ")
+    assert sum("finished, skipped" in line for line in logs) == 3 and len(logs) == 4
+    conv = sweep.render_table("mnist", all_runs).splitlines()[2].split(" | ")
+    assert conv[7] == "1/2"
+
 
 def test_table_only_cifar_without_runs(tmp_path):
     """End to end in a subprocess: the module's entry point."""

@@ -756,9 +756,9 @@ class _BackupAndRestore(keras.callbacks.BackupAndRestore):
             "same command to resume from it")
 
 
-# A backup directory's files; the format of the backups written before
-# pde-keras 0.3 (keras' BackupAndRestore(double_checkpoint=True)) is the same
-# pair directly in `backup/`, the previous one with the suffix `.bkp`.
+# A backup directory's files. The previous format (pde-keras up to 0.2.0:
+# keras' BackupAndRestore(double_checkpoint=True)) has the same pair directly
+# in `backup/`, and the previous epoch's with the suffix `.bkp`.
 _WEIGHTS = "latest.weights.h5"
 _METADATA = "training_metadata.json"
 _INCOMPLETE = ".incomplete-"

@@ -21,10 +21,10 @@ import pytest
 from pde_keras import training
 from test_runners import ROOT, _driver, _env, _failed_with, _runner, _succeeded
 
-# One epoch of 128 steps of 32 synthetic digits, a backup every 10 steps: about
-# 2 s of training of the one-channel conv net here.
+# One epoch of 128 steps of 32 synthetic digits, a backup every 50 steps (the
+# issue's acceptance): about 2 s of training of the one-channel conv net here.
 STEPS_PER_EPOCH = 128
-BACKUP_EVERY = 10
+BACKUP_EVERY = 50
 RUN = ["--backbone=conv", "--channels=1", "--data_source=synthetic",
        f"--train_examples={32 * STEPS_PER_EPOCH}", "--test_examples=32", "--epochs=1",
        f"--backup_every_steps={BACKUP_EVERY}"]
@@ -88,7 +88,8 @@ def _copy(interrupted, tmp_path):
 def _resumed(workdir, *extra):
     results = _succeeded(_runner("mnist", *RUN, *extra, f"--model_dir={workdir}"), workdir)
     assert results["epochs"] == 1
-    assert training.read_log(workdir / "log.csv")["epoch"] == [0]
+    # Epoch 0 logged once, or twice when killed between its log row and its backup.
+    assert set(training.read_log(workdir / "log.csv")["epoch"]) == {0}
     assert not (workdir / "backup").exists()
     return results
 
@@ -119,7 +120,7 @@ def test_sigint_mid_epoch_exits_130(tmp_path):
 
 
 def test_sigkill_during_a_backup_write_resumes_from_the_previous_backup(tmp_path):
-    # The third backup (step 30) dies half written.
+    # The third backup (the end of the epoch) dies half written.
     process = _driver(
         """
         import os, signal, keras
@@ -134,9 +135,9 @@ def test_sigkill_during_a_backup_write_resumes_from_the_previous_backup(tmp_path
         keras.Model.save_weights = dying_save_weights
         """, "mnist", *RUN, f"--model_dir={tmp_path}")
     assert process.returncode == -signal.SIGKILL, process.stderr[-3000:]
-    assert _backups(tmp_path) == ["epoch00000-step000010", "epoch00000-step000020"]
+    assert _backups(tmp_path) == ["epoch00000-step000050", "epoch00000-step000100"]
     results = _resumed(tmp_path)
-    assert (results["resumed_from_epoch"], results["resumed_from_step"]) == (0, 20)
+    assert (results["resumed_from_epoch"], results["resumed_from_step"]) == (0, 100)
 
 
 # --------------------------------------------------------- corrupt backups

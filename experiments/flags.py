@@ -35,7 +35,7 @@ CONFIG_FLAGS = (
     "epochs", "batch_size", "eval_batch_size", "learning_rate", "weight_decay",
     "decoupled_weight_decay", "schedule", "warmup_epochs", "step_factor",
     "augmentation", "seed", "deterministic", "mixed_precision", "distribution",
-    "dump_maps",
+    "dump_maps", "backup_every_steps",
 )
 _JIT_COMPILE = {"auto": "auto", "true": True, "false": False}
 
@@ -166,6 +166,13 @@ def define_flags(runner):
         "model_dir", lambda value: value is None or bool(value.strip()),
         "--model_dir must not be empty")
     flags.DEFINE_integer("seed", 0, "Random seed.", lower_bound=0)
+    flags.DEFINE_integer(
+        "backup_every_steps", 0, "Also back up the training state into MODEL_DIR/backup/ "
+        "every this many steps of an epoch (0: at the end of every epoch only); a re-run "
+        "resumes at the step of the last backup.", lower_bound=0)
+    flags.DEFINE_bool(
+        "restart", False, "Delete MODEL_DIR/backup/ and train from scratch instead of "
+        "resuming from it.")
     flags.DEFINE_bool(
         "dump_maps", False, "At the end, draw the PDE layers' coefficient maps (Dx, Dy, u, "
         "v, ux, vy, input, output) of test images 0-2 into MODEL_DIR/maps/ "
@@ -221,18 +228,36 @@ def config_from_flags(runner):
 def train_from_flags(runner):
     """Trains and evaluates as the flags say; prints a one-line summary.
 
-    A bad value (of a flag, an option or the data) ends the program with one
-    line on stderr and exit status 1.
+    A bad value (of a flag, an option, the data or the run directory), an
+    unreadable backup or a file that cannot be written (a full disk) ends
+    the program with one line on stderr and exit status 1; a SIGTERM or
+    SIGINT during training with one line (where the backup is) and status
+    128 + the signal's number (143, 130).
     """
     try:
         config = config_from_flags(runner)
         logging.info("Config: %s", config)
-        results = training.train_and_evaluate(config, FLAGS.model_dir)
-    except (ValueError, training.TrainingDivergedError) as error:
+        results = training.train_and_evaluate(config, FLAGS.model_dir, restart=FLAGS.restart)
+    except training.Interrupted as interruption:
+        print(interruption, file=sys.stderr, flush=True)
+        sys.exit(128 + interruption.signum)
+    except (ValueError, training.TrainingDivergedError, training.BackupError) as error:
         logging.debug("Error details:", exc_info=True)
         sys.exit(f"error: {error}")
+    except OSError as error:  # Writing: a full disk, a read-only directory.
+        logging.debug("Error details:", exc_info=True)
+        sys.exit(f"error: {write_error(error, FLAGS.model_dir)}")
     print(summary(results, f"{FLAGS.model_dir.rstrip('/')}/results.json"))
     return results
+
+
+def write_error(error, model_dir):
+    """One line on an `OSError` while writing the outputs of a run in `model_dir`."""
+    what = f"cannot write {error.filename!r}" if error.filename else "cannot write"
+    reason = error.strerror or (str(error).strip().splitlines() or [repr(error)])[0]
+    backup = f"{model_dir.rstrip('/')}/{training.BACKUP_DIR}"
+    return (f"{what}: {reason}; the last complete backup (if any) is kept in {backup!r}: "
+            "free space (or fix the directory) and re-run the same command to resume")
 
 
 def summary(results, path):

@@ -86,7 +86,7 @@ SETTINGS = {
 # Config fields a finished run's results may differ in and still count
 # (where the data lies, how the run was executed).
 _IGNORED_FIELDS = ("data_dir", "download", "eval_batch_size", "jit_compile", "distribution",
-                   "verbose")
+                   "verbose", "backup_every_steps")
 CONFUSION_FILE = "confusion.json"
 
 
@@ -168,11 +168,13 @@ def plan(table, results_dir, *, rows=None, seeds=None, epochs=None, dataset=None
 def finished_results(run):
     """`run`'s results.json if the run finished, else None.
 
-    Raises ValueError when the directory holds the results of another
-    configuration (they are never overwritten).
+    Raises:
+        ValueError: the directory holds the results of another configuration
+            (they are never overwritten).
+        pde_keras.training.UnreadableFileError: its results.json is garbled.
     """
     try:
-        results = json.loads((run.workdir / "results.json").read_text())
+        results = training.read_json(run.workdir / "results.json")
     except FileNotFoundError:
         return None
     planned = run.config.to_json()
@@ -188,34 +190,57 @@ def finished_results(run):
 
 
 def sweep(runs, log=print):
-    """Trains the unfinished `runs` (resuming interrupted ones); returns those trained."""
+    """Trains the unfinished `runs` (resuming interrupted ones).
+
+    A run whose directory cannot be read (a garbled `results.json`,
+    `config.json` or `log.csv`, or only unreadable backups) is reported in
+    one line and left; the sweep goes on with the others.
+
+    Returns:
+        `(trained, failed)`: the runs trained, and those left.
+    """
     import keras
 
-    trained = []
+    trained, failed = [], []
     for index, run in enumerate(runs, 1):
-        if finished_results(run) is not None:
-            log(f"[{index}/{len(runs)}] finished, skipped: {run.workdir}")
+        try:
+            if finished_results(run) is not None:
+                log(f"[{index}/{len(runs)}] finished, skipped: {run.workdir}")
+                continue
+            log(f"[{index}/{len(runs)}] training: {shlex.join(run.command)}")
+            results = training.train_and_evaluate(run.config, run.workdir)
+        except (training.UnreadableFileError, training.BackupError) as error:
+            log(f"[{index}/{len(runs)}] left out: {error}")
+            failed.append(run)
             continue
-        log(f"[{index}/{len(runs)}] training: {shlex.join(run.command)}")
-        results = training.train_and_evaluate(run.config, run.workdir)
+        except OSError as error:  # Writing (a full disk): the next runs would fail too.
+            raise ValueError(runner_flags.write_error(error, str(run.workdir))) from None
         if run.table == "mnist":
             confusion(run)
         log(f"[{index}/{len(runs)}] {runner_flags.summary(results, run.workdir / 'results.json')}")
         trained.append(run)
         keras.backend.clear_session()
-    return trained
+    return trained, failed
+
+
+def _readable_results(run):
+    """`finished_results(run)`, None when its results.json is garbled (the sweep says so)."""
+    try:
+        return finished_results(run)
+    except training.UnreadableFileError:
+        return None
 
 
 def confusion(run):
     """The confusion matrix of `run`'s final model (`last.keras`) on its test split.
 
-    Cached in `<workdir>/confusion.json`; computed (and cached) when missing;
-    None when neither the cache nor the checkpoint exists.
+    Cached in `<workdir>/confusion.json`; computed (and cached) when missing
+    or unreadable; None when neither the cache nor the checkpoint exists.
     """
     path = run.workdir / CONFUSION_FILE
     try:
-        return json.loads(path.read_text())["matrix"]
-    except FileNotFoundError:
+        return training.read_json(path)["matrix"]
+    except (FileNotFoundError, training.UnreadableFileError, KeyError):
         if not (run.workdir / "last.keras").exists():
             return None
     matrix = training.checkpoint_confusion(run.config, run.workdir / "last.keras").tolist()
@@ -255,7 +280,7 @@ def render_table(table, runs):
     for slug, row_runs in by_row.items():
         row, config = row_runs[0].row, row_runs[0].config
         done = [(run, results) for run in row_runs
-                if (results := finished_results(run)) is not None]
+                if (results := _readable_results(run)) is not None]
         if done:
             first = done[0][1]
             params, macs = first["trainable_params"], first["macs"]
@@ -265,7 +290,7 @@ def render_table(table, runs):
         accuracy = [100 * results["test_accuracy"] for _, results in done]
         # A resumed run's wall time covers only its last part: left out.
         wall = [results["wall_time_s"] / 60 for _, results in done
-                if not results.get("resumed_from_epoch")]
+                if not (results.get("resumed_from_epoch") or results.get("resumed_from_step"))]
         epochs = sorted({results["epochs"] for _, results in done})
         cells = [f"`{slug}`", f"`{row.name}`", row.variant, f"{params:,}",
                  tables.format_macs(macs["paper"]), tables.format_macs(macs["total"]),
@@ -384,16 +409,24 @@ def main(argv):
             test_examples=_TEST_EXAMPLES.value)
         if _DRY_RUN.value:
             for run in runs:
-                prefix = "# finished: " if finished_results(run) is not None else ""
+                prefix = "# finished: " if _readable_results(run) is not None else ""
                 print(prefix + shlex.join(run.command))
             return
+        failed = []
         try:
             if not _TABLE_ONLY.value:
-                sweep(runs, log=logging.info)
+                _, failed = sweep(runs, log=logging.info)
         finally:
             command = shlex.join(["python", "-m", "experiments.sweep", *sys.argv[1:]])
             path = write_table(_TABLE.value, runs, _RESULTS_DIR.value, command)
             print(f"table: {path}")
+        if failed:
+            raise ValueError(
+                f"{len(failed)} of {len(runs)} runs left out, their directories unreadable "
+                f"(see the 'left out' lines above): {', '.join(str(r.workdir) for r in failed)}")
+    except training.Interrupted as interruption:  # SIGTERM, SIGINT: the run is backed up.
+        print(interruption, file=sys.stderr, flush=True)
+        sys.exit(128 + interruption.signum)
     except (ValueError, training.TrainingDivergedError) as error:
         logging.debug("Error details:", exc_info=True)
         sys.exit(f"error: {error}")

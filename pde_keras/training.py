@@ -14,9 +14,12 @@ and writes into `workdir`:
 - `tensorboard/`: TensorBoard event files;
 - `last.keras` (after every epoch) and `best.keras` (best `val_accuracy`);
   both take raw pixel values 0-255 (the normalisation is inside);
-- `backup/`: `keras.callbacks.BackupAndRestore` state, deleted when the run
-  finishes. Re-running the same command after a kill resumes from the last
-  completed epoch. When the loss turns NaN, training stops
+- `backup/`: the training state (`BackupAndRestore`), after every epoch
+  or every `backup_every_steps` steps, deleted once `results.json` is
+  written. Re-running the same command after a kill resumes from the last
+  backup (mid-epoch ones at their step); `restart=True` starts over. A
+  SIGTERM or SIGINT during training writes a backup of the current step
+  and raises `Interrupted`. When the loss turns NaN, training stops
   (`keras.callbacks.TerminateOnNaN`), the backup of the last good epoch is
   kept and `TrainingDivergedError` is raised;
 - `results.json`: test accuracy and loss, parameters, MACs, wall time,
@@ -61,12 +64,17 @@ import math
 import numbers
 import os
 import pathlib
+import re
+import shutil
+import signal
 import sys
+import threading
 import tempfile
 import time
 
 import keras
 import numpy as np
+from absl import logging
 
 import pde_keras
 from pde_keras import data, inspection, validation
@@ -80,10 +88,40 @@ PAD = 4
 STABILITY_IMAGES = 64
 # Config fields that must match for a run to resume from a workdir's backup.
 _RESUME_FIELDS = ("dataset", "model", "model_options")
+BACKUP_DIR = "backup"
 
 
 class TrainingDivergedError(RuntimeError):
     """The loss became NaN or infinite; the last good backup was kept."""
+
+
+class UnreadableFileError(ValueError):
+    """A file of a run directory (`config.json`, `results.json`, `log.csv`) is garbled.
+
+    Attributes:
+        path: the file.
+        reason: what is wrong with it (one line).
+    """
+
+    def __init__(self, path, reason):
+        super().__init__(f"cannot read {str(path)!r}: {reason}")
+        self.path, self.reason = path, reason
+
+
+class BackupError(RuntimeError):
+    """A workdir holds backups, but none of them can be read."""
+
+
+class Interrupted(Exception):
+    """Training stopped on a signal (SIGTERM, SIGINT) after writing a backup.
+
+    Attributes:
+        signum: the signal's number (the runners exit with 128 + signum).
+    """
+
+    def __init__(self, signum, message):
+        super().__init__(message)
+        self.signum = signum
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,6 +171,8 @@ class Config:
         dump_maps: at the end, draw the PDE layers' coefficient maps of a
             few fixed test images into `workdir/maps/` (`visualize.maps.
             dump_maps`; the model must have PDE layers).
+        backup_every_steps: also back up the training state every this many
+            training steps of an epoch (0: at the end of every epoch only).
 
     Example:
 
@@ -175,6 +215,7 @@ class Config:
     distribution: str = "none"
     verbose: int | str = "auto"
     dump_maps: bool = False
+    backup_every_steps: int = 0
 
     def __post_init__(self):
         validation.check_choice("dataset", self.dataset, data.DATASETS)
@@ -184,7 +225,8 @@ class Config:
             raise validation.invalid(
                 "model_options", "a dict of keyword options", self.model_options)
         data.resolve_source(self.dataset, self.data_source, self.data_dir)
-        for name in ("train_examples", "test_examples", "warmup_epochs", "seed"):
+        for name in ("train_examples", "test_examples", "warmup_epochs", "seed",
+                     "backup_every_steps"):
             validation.check_int(name, getattr(self, name), minimum=0)
         for name in ("epochs", "batch_size", "eval_batch_size"):
             validation.check_positive_int(name, getattr(self, name))
@@ -231,7 +273,7 @@ class Config:
         return json.loads(json.dumps(dataclasses.asdict(self), default=repr))
 
 
-def train_and_evaluate(config, workdir, callbacks=()):
+def train_and_evaluate(config, workdir, callbacks=(), restart=False):
     """Trains `config.model` on `config.dataset`, evaluates it, writes results.
 
     Args:
@@ -239,6 +281,8 @@ def train_and_evaluate(config, workdir, callbacks=()):
         workdir: output directory (created). Re-running with the same
             `workdir` after an interruption resumes from its backup.
         callbacks: extra `keras.callbacks.Callback`s for `Model.fit`.
+        restart: delete the backup in `workdir` (if any) and train from
+            scratch instead of resuming.
 
     Returns:
         The dict written to `workdir/results.json`.
@@ -248,12 +292,16 @@ def train_and_evaluate(config, workdir, callbacks=()):
             whose backup belongs to another dataset/model.
         pde_keras.data.DataError: missing or unreadable data.
         TrainingDivergedError: the loss became NaN or infinite.
+        BackupError: `workdir` holds backups and none can be read.
+        Interrupted: a SIGTERM or SIGINT stopped training (after a backup).
+        OSError: a file could not be written (e.g. a full disk); the
+            previous backup is intact.
     """
     start = time.time()
     if not isinstance(config, Config):
         raise validation.invalid("config", "a pde_keras.training.Config", config)
     workdir = pathlib.Path(workdir)
-    initial_epoch = _check_resume(config, workdir)
+    backups = _check_resume(config, workdir, restart)
     dataset, train, test = load_splits(config)
     # Only once the data is there: a run that cannot start writes nothing.
     workdir.mkdir(parents=True, exist_ok=True)
@@ -304,15 +352,21 @@ def train_and_evaluate(config, workdir, callbacks=()):
             ],
             jit_compile=config.jit_compile,
         )
-        backup = _BackupAndRestore(str(workdir / "backup"), double_checkpoint=True)
+        backup = _BackupAndRestore(
+            str(workdir / BACKUP_DIR), config.backup_every_steps or "epoch", backups)
+        # Restored before fit: the loggers' resume state depends on it.
+        initial_epoch, initial_step = backup.restore(model)
         # Before the loggers, which record what these add to the epoch's logs.
         measures = [EpochTimer(), StabilityMonitor(test[0][:STABILITY_IMAGES])]
-        history = model.fit(
-            train_data, epochs=config.epochs, validation_data=test_data,
-            callbacks=measures + _callbacks(workdir, initial_epoch) + list(callbacks) + [backup],
-            verbose=_fit_verbosity(config.verbose),
-            shuffle=False,  # make_dataset shuffles
-        )
+        # The backup last: it runs once the epoch's checkpoints and logs are written.
+        with _stop_on_signals(backup):
+            history = model.fit(
+                train_data, epochs=config.epochs, validation_data=test_data,
+                callbacks=(measures + _callbacks(workdir, initial_epoch, resuming=bool(backups))
+                           + list(callbacks) + [backup]),
+                verbose=_fit_verbosity(config.verbose),
+                shuffle=False,  # make_dataset shuffles
+            )
         if backup.diverged is not None:
             raise TrainingDivergedError(
                 f"Training diverged: the loss became {backup.diverged[1]} in epoch "
@@ -327,8 +381,8 @@ def train_and_evaluate(config, workdir, callbacks=()):
 
     epochs_done = max((epoch + 1 for epoch in history.epoch), default=initial_epoch)
     best_accuracy, best_epoch = _best_epoch(workdir / "log.csv")
-    log = _read_log(workdir / "log.csv")
-    train_time = [float(t) for t in log.get(EpochTimer.KEY, []) if t]
+    log = read_log(workdir / "log.csv")
+    train_time = [t for t in log.get(EpochTimer.KEY, []) if t is not None]
     if best_accuracy is None:  # No epoch logged (e.g. resumed after the last one).
         best_accuracy, best_epoch = float(test_metrics["accuracy"]), epochs_done
     macs = pde_keras.count_macs(core)
@@ -351,12 +405,12 @@ def train_and_evaluate(config, workdir, callbacks=()):
             if train_time else None),
         # Per PDE layer, per epoch (log.csv): see StabilityMonitor.
         "stability": {
-            layer.name: {number: [float(v) if v else None
-                                  for v in log.get(f"{layer.name}_{number}", [])]
+            layer.name: {number: log.get(f"{layer.name}_{number}", [])
                          for number in StabilityMonitor.NUMBERS}
             for layer in inspection.pde_layers(core)},
         "epochs": epochs_done,
         "resumed_from_epoch": initial_epoch,
+        "resumed_from_step": initial_step,
         "train_examples": int(len(train[1])),
         "test_examples": int(len(test[1])),
         "replicas": replicas,
@@ -371,6 +425,8 @@ def train_and_evaluate(config, workdir, callbacks=()):
         "backend": keras.backend.backend(),
     }
     write_json(workdir / "results.json", results)
+    # Only now: until results.json is written, a re-run resumes from it.
+    shutil.rmtree(workdir / BACKUP_DIR, ignore_errors=True)
     return results
 
 
@@ -544,25 +600,296 @@ def _subset(images, labels, count, name, rng):
 
 
 class _BackupAndRestore(keras.callbacks.BackupAndRestore):
-    """`BackupAndRestore` that keeps the last good backup when the loss is NaN.
+    """`BackupAndRestore` with atomic backups, mid-epoch resume and signals.
 
-    `TerminateOnNaN` stops `fit` mid-epoch, but `fit` still ends the epoch
-    and the training: this skips that epoch's backup and the deletion of
-    the backup directory. `diverged` is then `(epoch, loss)`.
+    Keras' callback writes the weights and then the epoch counter in place,
+    so that a kill in between pairs one step's weights with another's
+    counter. Here every backup is a directory `epochEEEEE-stepSSSSSS/`
+    (`latest.weights.h5`, `training_metadata.json`) written under a
+    temporary name and renamed when complete; the previous backup is
+    deleted only then (two are kept). `save_freq=N` backs up every N steps
+    of an epoch as well as at its end, and a backup taken at step k of an
+    epoch resumes at step k: the optimizer's iteration count (the learning
+    rate) comes with the weights, and the epoch's first k batches are
+    skipped (drawn from the input pipeline, not trained on).
+
+    When the loss is NaN (`TerminateOnNaN` stops `fit`, which still ends the
+    epoch), that epoch's backup is skipped and `diverged` is `(epoch,
+    loss)`. When `signum` is set (by `_stop_on_signals`), the next step's
+    end writes a backup and raises `Interrupted`. The backup directory is
+    left for `train_and_evaluate` to delete once the results are written.
+
+    Args:
+        backup_dir: the directory of the backups.
+        save_freq: `"epoch"` or a number of steps.
+        backups: the readable backups to restore from, newest first
+            (`find_backups`).
     """
 
     diverged = None
+    signum = None
+
+    def __init__(self, backup_dir, save_freq="epoch", backups=()):
+        super().__init__(backup_dir, save_freq=save_freq, delete_checkpoint=False)
+        self.backups = list(backups)
+        # Where `restore` resumed: the epoch, and its steps done before the backup.
+        self._resume_epoch, self._skip = None, 0
+
+    def restore(self, model):
+        """Loads the newest loadable backup into `model` (compiled).
+
+        Returns:
+            `(epoch, step)`: where training resumes (`(0, 0)` without one).
+
+        Raises:
+            BackupError: there were backups and none could be loaded.
+        """
+        if not self.backups:
+            return 0, 0
+        if model.optimizer is not None and not model.optimizer.built:
+            # The optimizer's variables (iterations, momenta) are in the backup.
+            model.optimizer.build(model.trainable_variables)
+        errors = []
+        for backup in self.backups:
+            try:
+                model.load_weights(backup.weights)
+            except (OSError, ValueError) as error:
+                errors.append(f"{backup.weights}: {_first_line(error)}")
+                logging.warning("Cannot load the backup %s (%s); trying the previous one.",
+                                backup.weights, _first_line(error))
+                continue
+            model._initial_epoch = backup.epoch
+            self._resume_epoch, self._skip = backup.epoch, backup.step
+            logging.info("Resuming from the backup %s: epoch %d, step %d.",
+                         backup.path, backup.epoch + 1, backup.step)
+            return backup.epoch, backup.step
+        raise _unreadable(self.backup_dir, errors)
+
+    def on_train_begin(self, logs=None):
+        pass  # Restored by `restore`, before fit.
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._current_epoch = epoch
+        if self._skip and epoch == self._resume_epoch:
+            self._skip_batches(self._skip)
+        else:
+            self._skip = 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        steps_done = batch + 1
+        if steps_done <= self._skip:
+            if steps_done == self._skip:
+                self._stop_skipping()
+            return
+        if self.signum is not None and steps_done != self.params.get("steps"):
+            # The epoch's last step: its end backs up and stops instead.
+            self._save(self._current_epoch, steps_done)
+            raise self._interrupted(self._current_epoch, steps_done)
+        if (self.save_freq != "epoch" and steps_done % self.save_freq == 0
+                and steps_done != self.params.get("steps")):
+            self._save(self._current_epoch, steps_done)
 
     def on_epoch_end(self, epoch, logs=None):
         loss = (logs or {}).get("loss")
         if loss is not None and not math.isfinite(float(loss)):
             self.diverged = (epoch, float(loss))
             return
-        super().on_epoch_end(epoch, logs)
+        self._save(epoch + 1, 0)
+        if self.signum is not None:
+            raise self._interrupted(epoch + 1, 0)
 
     def on_train_end(self, logs=None):
-        if self.diverged is None:
-            super().on_train_end(logs)
+        pass  # train_and_evaluate deletes the backups once results.json is written.
+
+    def _save(self, epoch, step):
+        """Writes the backup of `step` steps into `epoch` (0-based), atomically."""
+        backup_dir = pathlib.Path(self.backup_dir)
+        backup_dir.mkdir(parents=True, exist_ok=True)
+        final = backup_dir / _backup_name(epoch, step)
+        incomplete = pathlib.Path(tempfile.mkdtemp(dir=backup_dir, prefix=_INCOMPLETE))
+        try:
+            self.model.save_weights(str(incomplete / _WEIGHTS))
+            write_json(incomplete / _METADATA, {"epoch": epoch, "step": step})
+            if final.exists():  # Written before a resume; this one is newer.
+                shutil.rmtree(final)
+            os.replace(incomplete, final)
+        finally:
+            shutil.rmtree(incomplete, ignore_errors=True)
+        # Only now that the new backup is complete: keep it and the newest readable
+        # one before it. Unreadable ones, and those after it (of a resume that fell
+        # back past them), are never resumed from again.
+        previous = None
+        for backup in _backup_candidates(backup_dir):
+            if backup.path == final:
+                continue
+            if previous is None and backup.order < (1, epoch, step) and backup.error() is None:
+                previous = backup
+            else:
+                backup.remove()
+        for leftover in backup_dir.glob(_INCOMPLETE + "*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+    def _skip_batches(self, count):
+        """Makes the next `count` training steps draw their batch and do nothing."""
+        self._train_function = self.model.train_function
+        if keras.backend.backend() == "jax":
+            def skip(state, data):
+                return {}, state
+        else:
+            def skip(iterator):
+                next(iterator)
+                return {}
+        logging.info("Skipping the %d steps of epoch %d done before the backup.",
+                     count, self._current_epoch + 1)
+        self.model.train_function = skip
+
+    def _stop_skipping(self):
+        self.model.train_function = self._train_function
+        self._skip = 0
+
+    def _interrupted(self, epoch, step):
+        name = signal.Signals(self.signum).name
+        where = f"epoch {epoch + 1}, step {step}" if step else f"the end of epoch {epoch}"
+        return Interrupted(
+            self.signum, f"interrupted by {name}: backup of {where} written to "
+            f"{str(pathlib.Path(self.backup_dir) / _backup_name(epoch, step))!r}; re-run the "
+            "same command to resume from it")
+
+
+# A backup directory's files. The previous format (pde-keras up to 0.2.0:
+# keras' BackupAndRestore(double_checkpoint=True)) has the same pair directly
+# in `backup/`, and the previous epoch's with the suffix `.bkp`.
+_WEIGHTS = "latest.weights.h5"
+_METADATA = "training_metadata.json"
+_INCOMPLETE = ".incomplete-"
+_BACKUP_NAME = re.compile(r"^epoch(\d+)-step(\d+)$")
+
+
+def _backup_name(epoch, step):
+    return f"epoch{epoch:05d}-step{step:06d}"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Backup:
+    """One backup: its weights and metadata files, and its position.
+
+    `epoch` is the number of epochs done and `step` the steps done into the
+    next one; None when the metadata cannot be read.
+    """
+
+    path: pathlib.Path  # The directory, or the weights file of the old format.
+    weights: pathlib.Path
+    metadata: pathlib.Path
+    epoch: int | None
+    step: int | None
+    order: tuple  # Newest first when sorted descending.
+
+    def remove(self):
+        if self.path.is_dir():
+            shutil.rmtree(self.path, ignore_errors=True)
+        else:
+            for path in (self.weights, self.metadata):
+                path.unlink(missing_ok=True)
+
+    def error(self):
+        """Why this backup cannot be restored, or None."""
+        if self.epoch is None:
+            return f"{self.metadata}: unreadable or missing"
+        try:
+            import h5py
+
+            with h5py.File(self.weights, "r"):
+                pass
+        except (OSError, ValueError) as error:
+            return f"{self.weights}: {_first_line(error)}"
+        return None
+
+
+def _read_position(metadata):
+    """(epoch, step) of a backup's metadata file, or (None, None)."""
+    try:
+        saved = json.loads(metadata.read_text())
+        position = int(saved["epoch"]), int(saved.get("step", 0))
+    except (OSError, ValueError, TypeError, KeyError):
+        return None, None
+    return position if min(position) >= 0 else (None, None)
+
+
+def _backup_candidates(backup_dir):
+    """Every backup in `backup_dir`, readable or not, newest first."""
+    backups = []
+    if not backup_dir.is_dir():
+        return backups
+    for path in backup_dir.iterdir():
+        match = _BACKUP_NAME.match(path.name)
+        if match and path.is_dir():
+            epoch, step = _read_position(path / _METADATA)
+            backups.append(_Backup(path, path / _WEIGHTS, path / _METADATA, epoch, step,
+                                   (1, int(match[1]), int(match[2]))))
+    # The old format: older than any new one; the latest before its `.bkp`.
+    for rank, suffix in ((1, ""), (0, ".bkp")):
+        weights = backup_dir / (_WEIGHTS + suffix)
+        metadata = backup_dir / (_METADATA + suffix)
+        if weights.exists() or metadata.exists():
+            epoch, step = _read_position(metadata)
+            backups.append(_Backup(weights, weights, metadata, epoch, step, (0, rank)))
+    return sorted(backups, key=lambda backup: backup.order, reverse=True)
+
+
+def find_backups(workdir):
+    """The readable backups of `workdir`, newest first (a warning per unreadable one).
+
+    Raises:
+        BackupError: there are backups and none is readable.
+    """
+    backup_dir = pathlib.Path(workdir) / BACKUP_DIR
+    readable, errors = [], []
+    for backup in _backup_candidates(backup_dir):
+        error = backup.error()
+        if error is None:
+            readable.append(backup)
+            continue
+        errors.append(error)
+        logging.warning("Unreadable backup: %s; falling back to the previous one.", error)
+    if errors and not readable:
+        raise _unreadable(backup_dir, errors)
+    return readable
+
+
+def _unreadable(backup_dir, errors):
+    return BackupError(
+        f"no readable backup in {str(backup_dir)!r} ({'; '.join(errors)}): re-run with "
+        f"--restart to train from scratch, or remove {str(backup_dir)!r}")
+
+
+def _first_line(error):
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
+@contextlib.contextmanager
+def _stop_on_signals(backup):
+    """SIGTERM and SIGINT make `backup` write a backup and stop training.
+
+    The handlers only record the signal: the backup is written at the end of
+    the current step (or of the epoch's evaluation). Outside the main thread,
+    where Python cannot handle signals, nothing changes.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        del frame
+        backup.signum = signum
+
+    previous = {signum: signal.signal(signum, handler)
+                for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
 
 
 class EpochTimer(keras.callbacks.Callback):
@@ -616,8 +943,7 @@ class StabilityMonitor(keras.callbacks.Callback):
                 logs[f"{layer}_{number}"] = measured[number]
 
 
-def _callbacks(workdir, initial_epoch):
-    resuming = initial_epoch > 0
+def _callbacks(workdir, initial_epoch, resuming):
     best_accuracy, _ = _best_epoch(workdir / "log.csv") if resuming else (None, None)
     return [
         keras.callbacks.TerminateOnNaN(),
@@ -630,18 +956,37 @@ def _callbacks(workdir, initial_epoch):
     ]
 
 
-def _check_resume(config, workdir):
-    """Returns the epoch the backup in `workdir` resumes from (0 if none).
+def _check_resume(config, workdir, restart):
+    """The readable backups `workdir` resumes from, newest first ([] if none).
 
-    Raises ValueError when the backup belongs to another dataset or model.
+    With `restart`, deletes the backup directory and returns [].
+
+    Raises:
+        ValueError: the backup belongs to another dataset or model, or the
+            run's `config.json` is unreadable.
+        BackupError: there are backups and none is readable.
     """
-    metadata = workdir / "backup" / "training_metadata.json"
-    if not metadata.exists():
-        return 0
+    if restart:
+        shutil.rmtree(workdir / BACKUP_DIR, ignore_errors=True)
+        return []
+    backups = find_backups(workdir)
+    if not backups:
+        return []
     try:
-        previous = json.loads((workdir / "config.json").read_text())
-    except (OSError, ValueError):
+        previous = read_json(workdir / "config.json")
+    except FileNotFoundError:
         previous = {}
+    except UnreadableFileError as error:
+        raise UnreadableFileError(
+            error.path, f"{error.reason}; it is the configuration of the backup in "
+            f"{str(workdir / BACKUP_DIR)!r}: repair it, or re-run with --restart to train "
+            "from scratch") from None
+    try:  # The log too: resuming appends to it and reads its best epoch.
+        _best_epoch(workdir / "log.csv")
+    except UnreadableFileError as error:
+        raise UnreadableFileError(
+            error.path, f"{error.reason}; remove it (resuming then logs the remaining "
+            "epochs only) or re-run with --restart to train from scratch") from None
     current = config.to_json()
     for name in _RESUME_FIELDS:
         if previous.get(name) != current[name]:
@@ -649,29 +994,70 @@ def _check_resume(config, workdir):
                 "workdir", f"a new directory, or the one of a run with "
                 f"{name}={previous.get(name)!r} to resume it (it holds that run's backup, "
                 f"and this run has {name}={current[name]!r})", str(workdir))
-    return int(json.loads(metadata.read_text())["epoch"])
+    return backups
 
 
 def _best_epoch(log_path):
     """(best val_accuracy, its 1-based epoch) in the CSV log, or (None, None)."""
-    log = _read_log(log_path)
-    rows = [(float(accuracy), int(epoch) + 1)
+    log = read_log(log_path)
+    rows = [(accuracy, int(epoch) + 1)
             for accuracy, epoch in zip(log.get("val_accuracy", []), log.get("epoch", []))
-            if accuracy]
+            if accuracy is not None and epoch is not None]
     # The first of equal accuracies, as ModelCheckpoint keeps it.
     return max(rows, key=lambda row: row[0]) if rows else (None, None)
 
 
-def _read_log(log_path):
-    """The CSV log as `{column: [text per epoch]}` ("" where a row lacks it);
-    `{}` when there is none."""
+def read_log(log_path):
+    """A run's CSV log (`log.csv`) as `{column: [number or None per row]}`.
+
+    One entry per row, in order (a resumed run may log an epoch twice; the
+    `epoch` column is 0-based); None where a row has no value.
+
+    Returns:
+        The columns, or `{}` when there is no log.
+
+    Raises:
+        UnreadableFileError: the file is not a CSV table of numbers.
+    """
+    path = pathlib.Path(log_path)
     try:
-        with open(log_path, newline="") as f:
+        with open(path, newline="") as f:
             rows = list(csv.DictReader(f))
-    except OSError:
+    except FileNotFoundError:
         return {}
+    except (OSError, csv.Error, UnicodeDecodeError) as error:
+        raise UnreadableFileError(path, _first_line(error)) from None
     columns = dict.fromkeys(key for row in rows for key in row)
-    return {column: [row.get(column) or "" for row in rows] for column in columns}
+    if None in columns:  # csv.DictReader's key of the values beyond the header.
+        raise UnreadableFileError(path, "a row has more values than the header")
+    try:
+        return {column: [float(row[column]) if row.get(column) else None for row in rows]
+                for column in columns}
+    except ValueError as error:
+        raise UnreadableFileError(path, _first_line(error)) from None
+
+
+def read_json(path):
+    """The JSON object in `path` (a run's `config.json`, `results.json`, ...).
+
+    Raises:
+        FileNotFoundError: there is no such file.
+        UnreadableFileError: it cannot be read or holds no JSON object.
+    """
+    path = pathlib.Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise
+    except (OSError, UnicodeDecodeError) as error:
+        raise UnreadableFileError(path, _first_line(error)) from None
+    try:
+        value = json.loads(text)
+    except ValueError as error:
+        raise UnreadableFileError(path, _first_line(error)) from None
+    if not isinstance(value, dict):
+        raise UnreadableFileError(path, f"a JSON {type(value).__name__}, not an object")
+    return value
 
 
 @contextlib.contextmanager

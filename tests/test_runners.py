@@ -282,9 +282,9 @@ def test_sigkill_then_rerun_resumes_and_finishes(tmp_path):
     process = subprocess.Popen(
         [sys.executable, "-m", "experiments.mnist", *flags], cwd=ROOT, env=_env(),
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    metadata = tmp_path / "backup" / "training_metadata.json"
     deadline = time.time() + 240
-    while not metadata.exists() and process.poll() is None and time.time() < deadline:
+    while (not list((tmp_path / "backup").glob("epoch*-step*")) and process.poll() is None
+           and time.time() < deadline):
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)
     _, stderr = process.communicate()

@@ -169,7 +169,7 @@ def test_tiny_sweep_skips_finished_runs_and_writes_table(tmp_path):
     runs = sweep.plan("mnist", tmp_path, rows=["conv-c1", "pde-c1"], seeds=2, **TINY)
     assert len(runs) == 4
     logs = []
-    assert sweep.sweep(runs, log=logs.append) == runs
+    assert sweep.sweep(runs, log=logs.append) == (runs, [])
     mtimes = [(run.workdir / "results.json").stat().st_mtime_ns for run in runs]
     for run in runs:
         matrix = json.loads((run.workdir / sweep.CONFUSION_FILE).read_text())["matrix"]
@@ -177,7 +177,7 @@ def test_tiny_sweep_skips_finished_runs_and_writes_table(tmp_path):
 
     # Re-running trains nothing; an unfinished run (no results.json) trains again.
     (runs[3].workdir / "results.json").unlink()
-    assert sweep.sweep(runs, log=logs.append) == [runs[3]]
+    assert sweep.sweep(runs, log=logs.append) == ([runs[3]], [])
     assert [(run.workdir / "results.json").stat().st_mtime_ns for run in runs[:3]] == mtimes[:3]
     assert sum("finished, skipped" in line for line in logs) == 3
 
@@ -219,6 +219,16 @@ def test_tiny_sweep_skips_finished_runs_and_writes_table(tmp_path):
     other = sweep.plan("mnist", tmp_path, rows=["conv-c1"], seeds=1, **{**TINY, "epochs": 2})
     with pytest.raises(ValueError, match="holds a run with epochs=1, this sweep plans epochs=2"):
         sweep.sweep(other)
+
+    # A garbled results.json: one line naming it, and the sweep goes on with the others.
+    (runs[0].workdir / "results.json").write_text('{"test_accuracy": 0.9')
+    logs = []
+    assert sweep.sweep(runs, log=logs.append) == ([], [runs[0]])
+    assert logs[0].startswith(
+        f"[1/4] left out: cannot read '{runs[0].workdir}/results.json': Expecting ")
+    assert sum("finished, skipped" in line for line in logs) == 3 and len(logs) == 4
+    conv = sweep.render_table("mnist", all_runs).splitlines()[2].split(" | ")
+    assert conv[7] == "1/2"
 
 
 def test_table_only_cifar_without_runs(tmp_path):

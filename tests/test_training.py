@@ -300,8 +300,8 @@ def test_rerun_after_a_crash_resumes_from_the_backup(tmp_path):
     config = Config(epochs=3, **TINY)
     with pytest.raises(KeyboardInterrupt):
         training.train_and_evaluate(config, tmp_path, callbacks=[_Crash(at=2)])
-    assert json.loads((tmp_path / "backup" / "training_metadata.json").read_text())[
-        "epoch"] == 2
+    assert [(backup.epoch, backup.step)
+            for backup in training.find_backups(tmp_path)][0] == (2, 0)
 
     crash = _Crash()
     results = training.train_and_evaluate(config, tmp_path, callbacks=[crash])
@@ -344,8 +344,8 @@ def test_nan_stops_training_and_keeps_the_last_good_backup(tmp_path):
         "learning_rate first).") + "$"):
         training.train_and_evaluate(Config(epochs=3, **TINY), tmp_path,
                                     callbacks=[_Poison(at=1)])
-    assert json.loads((tmp_path / "backup" / "training_metadata.json").read_text())[
-        "epoch"] == 1
+    assert [(backup.epoch, backup.step)
+            for backup in training.find_backups(tmp_path)][0] == (1, 0)
     assert not (tmp_path / "results.json").exists()
 
 

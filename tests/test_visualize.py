@@ -347,6 +347,18 @@ def test_errors(trained, untrained_global, tmp_path):
                                 labels=["a"])
     with _raises(f"No training log in '{empty}': expected log.csv, {WRITTEN_BY}."):
         evaluation.write_curves([empty], tmp_path / "c.png")
+    # Garbled run files: one line naming the file.
+    garbled = tmp_path / "garbled"
+    garbled.mkdir()
+    (garbled / "config.json").write_text((trained / "conv" / "config.json").read_text())
+    (garbled / "log.csv").write_text("epoch,loss\n0,0.5\n1,0.4?\n")
+    with _raises(f"Cannot read '{garbled / 'log.csv'}': could not convert string to float: "
+                 "'0.4?'"):
+        evaluation.write_curves([garbled], tmp_path / "c.png")
+    (garbled / "config.json").write_text("{")
+    with _raises(f"Cannot read '{garbled / 'config.json'}': Expecting property name enclosed "
+                 "in double quotes: line 1 column 2 (char 1)"):
+        runs.read_config(garbled)
     assert not (tmp_path / "f.png").exists() and not (tmp_path / "c.png").exists()
 
 

@@ -15,7 +15,6 @@ colour per run. The loss is the cross-entropy (`cross_entropy` column),
 without the L2 penalty that the logged `loss` includes.
 """
 
-import csv
 import pathlib
 
 import numpy as np
@@ -187,13 +186,19 @@ def read_log(model_dir):
     if not path.is_file():
         raise runs.VisualizeError(
             f"No training log in {str(path.parent)!r}: expected log.csv, {runs.WRITTEN_BY}.")
-    with open(path, newline="") as f:
-        rows = {int(row["epoch"]): row for row in csv.DictReader(f) if row.get("epoch")}
+    try:
+        columns = training.read_log(path)
+    except training.UnreadableFileError as error:
+        raise runs.VisualizeError(f"Cannot read {str(path)!r}: {error.reason}") from None
+    # The last row of each epoch (a resumed run may repeat one).
+    rows = {int(epoch): index for index, epoch in enumerate(columns.get("epoch", []))
+            if epoch is not None}
     if not rows:
         raise runs.VisualizeError(f"The training log {str(path)!r} has no epochs yet.")
     epochs = sorted(rows)
-    columns = [name for name in rows[epochs[0]] if name != "epoch"]
-    log = {name: np.array([float(rows[e][name] or "nan") for e in epochs]) for name in columns}
+    log = {name: np.array([np.nan if values[rows[e]] is None else values[rows[e]]
+                           for e in epochs])
+           for name, values in columns.items() if name != "epoch"}
     log["epoch"] = np.array(epochs) + 1
     return log
 

@@ -18,7 +18,6 @@ raises `VisualizeError`, a `ValueError` whose message is one line.
 import collections
 import dataclasses
 import functools
-import json
 import pathlib
 
 import keras
@@ -154,9 +153,11 @@ def read_config(model_dir):
         path = model_dir / name
         if path.is_file():
             try:
-                saved = json.loads(path.read_text())
-            except ValueError as error:
-                raise VisualizeError(f"Cannot read {str(path)!r}: {error}") from None
+                saved = training.read_json(path)
+            except training.UnreadableFileError as error:
+                raise VisualizeError(f"Cannot read {str(path)!r}: {error.reason}") from None
+            if key and not isinstance(saved.get(key), dict):
+                raise VisualizeError(f"Cannot read {str(path)!r}: it has no {key!r} object")
             return saved[key] if key else saved
     raise VisualizeError(f"No config.json in {str(model_dir)!r}: expected a run {WRITTEN_BY}.")
 

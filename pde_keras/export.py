@@ -42,6 +42,9 @@ class ExportedModel:
         ops: sorted operator names: TFLite operators (built-in names such as
             `"CONV_2D"`; a custom or Select-TF op would appear by its custom
             name, e.g. `"FlexRoll"`), or the SavedModel's TensorFlow op types.
+        custom_ops: the TFLite operators among `ops` that are not built-ins
+            (custom or Select-TF ops); empty for every file `export_model`
+            writes. Empty for a SavedModel.
     """
 
     path: str
@@ -49,6 +52,7 @@ class ExportedModel:
     quantize: str
     size_bytes: int
     ops: list
+    custom_ops: list
 
     def predict(self, images, batch_size=100):
         """Runs the exported model on `images` (raw pixels, NHWC) in batches.
@@ -93,21 +97,27 @@ def export_model(model, path, format="tflite", quantize="none"):
             SavedModel, or a model the TFLite built-in operators cannot
             express.
     """
+    format, quantize = check_options(format, quantize)
+    path = pathlib.Path(path)
+    if format == "tflite":
+        _write_bytes_atomically(path, _tflite_bytes(model, quantize))
+        ops, custom_ops = tflite_ops(path)
+        size = path.stat().st_size
+    else:
+        _export_saved_model(model, path)
+        ops, custom_ops = _saved_model_ops(path), []
+        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    return ExportedModel(str(path), format, quantize, size, ops, custom_ops)
+
+
+def check_options(format, quantize):
+    """Returns `(format, quantize)` if `export_model` takes them, else raises ValueError."""
     format = validation.check_choice("format", format, FORMATS)
     quantize = validation.check_choice("quantize", quantize, QUANTIZATIONS)
     if format == "saved_model" and quantize != "none":
         raise validation.invalid("quantize", "'none' for format 'saved_model' (quantisation "
                                  "is a TFLite conversion)", quantize)
-    path = pathlib.Path(path)
-    if format == "tflite":
-        _write_bytes_atomically(path, _tflite_bytes(model, quantize))
-        ops = tflite_ops(path)
-        size = path.stat().st_size
-    else:
-        _export_saved_model(model, path)
-        ops = _saved_model_ops(path)
-        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-    return ExportedModel(str(path), format, quantize, size, ops)
+    return format, quantize
 
 
 def _serving_function(model):
@@ -183,10 +193,12 @@ def _write_bytes_atomically(path, content):
 
 
 def tflite_ops(path):
-    """Operator names of a TFLite file, read from its flat buffer's operator codes.
+    """The operators of a TFLite file, read from its flat buffer's operator codes.
 
-    Built-in operators by their `BuiltinOperator` name (`"CONV_2D"`), custom
-    operators (Select-TF ops included: `"FlexRoll"`) by their custom name.
+    Returns:
+        `(ops, custom_ops)`, sorted names: every operator, built-ins by their
+        `BuiltinOperator` name (`"CONV_2D"`), custom operators (Select-TF ops
+        included: `"FlexRoll"`) by their custom name; and the custom ones.
     """
     from tensorflow.lite.python import schema_py_generated as schema
     from tensorflow.lite.tools import flatbuffer_utils
@@ -194,15 +206,16 @@ def tflite_ops(path):
     names = {value: name for name, value in vars(schema.BuiltinOperator).items()
              if not name.startswith("_")}
     model = flatbuffer_utils.read_model(str(path))
-    ops = set()
+    ops, custom_ops = set(), set()
     for code in model.operatorCodes:
+        # Codes above 127 live in builtinCode only, older files' in the deprecated field.
         builtin = max(code.builtinCode, code.deprecatedBuiltinCode)
         if builtin == schema.BuiltinOperator.CUSTOM:
             custom = code.customCode
-            ops.add(custom.decode() if isinstance(custom, bytes) else str(custom))
+            custom_ops.add(custom.decode() if isinstance(custom, bytes) else str(custom))
         else:
             ops.add(names[builtin])
-    return sorted(ops)
+    return sorted(ops | custom_ops), sorted(custom_ops)
 
 
 def tflite_runner(path, num_threads=None):

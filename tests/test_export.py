@@ -117,8 +117,8 @@ def test_bad_arguments_fail_with_one_line(every_option_model, tmp_path):
 # ------------------------------------------------- quantisation, real images
 
 TRAIN_PER_CLASS, TEST_PER_CLASS = 50, 30
-# Quantised against float32 Keras, on 300 real test images (measured: float16
-# changes no prediction, dynamic range a few; see the README's Deploy section).
+# Quantised against float32 Keras, on 300 real test images. Measured: float16
+# changed no prediction, dynamic range 2 of 300 (accuracy 0.287 vs 0.283).
 ACCURACY_TOLERANCE = {"float16": 0.01, "dynamic_range": 0.04}
 AGREEMENT_AT_LEAST = {"float16": 0.99, "dynamic_range": 0.9}
 
@@ -151,19 +151,20 @@ def test_quantised_accuracy_on_real_images(real_images, tmp_path):
     keras.utils.set_random_seed(0)
     inputs = keras.Input((32, 32, 3))
     x = keras.layers.Conv2D(16, 3, strides=2, padding="same", use_bias=False)(inputs)
-    x = keras.layers.ReLU()(keras.layers.BatchNormalization()(x))
+    x = keras.layers.ReLU()(keras.layers.BatchNormalization(momentum=0.9)(x))
     x = GlobalLayer(steps=2)(x)
     x = keras.layers.Conv2D(32, 3, strides=2, padding="same", use_bias=False)(x)
-    x = keras.layers.ReLU()(keras.layers.BatchNormalization()(x))
+    x = keras.layers.ReLU()(keras.layers.BatchNormalization(momentum=0.9)(x))
     x = keras.layers.GlobalAveragePooling2D()(x)
     core = keras.Model(inputs, keras.layers.Dense(10)(x), name="small_global")
     model = training.build_classifier(core, (32, 32, 3), train_x.mean((0, 1, 2)),
                                       train_x.std((0, 1, 2)))
-    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    model.fit(train_x.astype("float32"), train_y, batch_size=50, epochs=4, verbose=0)
+    model.compile(keras.optimizers.Adam(3e-3),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(train_x.astype("float32"), train_y, batch_size=50, epochs=6, verbose=0)
     keras_predicted = model.predict(test_x.astype("float32"), verbose=0).argmax(-1)
     keras_accuracy = np.mean(keras_predicted == test_y)
-    assert keras_accuracy > 0.15  # Learnt something (chance: 0.1).
+    assert keras_accuracy > 0.2  # Learnt something (chance: 0.1; measured 0.28).
     for quantize, tolerance in ACCURACY_TOLERANCE.items():
         exported = export.export_model(model, tmp_path / f"{quantize}.tflite", "tflite", quantize)
         assert exported.custom_ops == []

@@ -22,6 +22,7 @@ import shutil
 import tempfile
 import warnings
 
+import keras
 import numpy as np
 
 from pde_keras import solver, validation
@@ -94,10 +95,13 @@ def export_model(model, path, format="tflite", quantize="none"):
 
     Raises:
         ValueError: an unknown format or quantisation, quantisation of a
-            SavedModel, or a model the TFLite built-in operators cannot
-            express.
+            SavedModel, another Keras backend than TensorFlow, or a model the
+            TFLite built-in operators cannot express.
     """
     format, quantize = check_options(format, quantize)
+    if keras.backend.backend() != "tensorflow":
+        raise ValueError("Export traces the model with TensorFlow: run it with "
+                         f"KERAS_BACKEND=tensorflow (the backend is {keras.backend.backend()!r}).")
     path = pathlib.Path(path)
     if format == "tflite":
         _write_bytes_atomically(path, _tflite_bytes(model, quantize))
@@ -137,8 +141,12 @@ def _serving_function(model):
 def _tflite_bytes(model, quantize):
     import tensorflow as tf
 
-    converter = tf.lite.TFLiteConverter.from_concrete_functions(
-        [_serving_function(model)], model)
+    from tensorflow.python.framework import convert_to_constants
+
+    # Variables frozen here, not by the converter: given the model to track,
+    # it left ResNet32's weights as uninitialised resource variables (NaN).
+    frozen = convert_to_constants.convert_variables_to_constants_v2(_serving_function(model))
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([frozen])
     # Built-in operators only: the converter fails rather than add Select-TF ops.
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
     if quantize != "none":

@@ -33,7 +33,10 @@ def builtin_ops_only():
     become slices + concatenation instead of TensorFlow's `Roll`, which the
     TFLite runtime lacks (only its Select-ops runtime has it). Training and
     inference keep `Roll` (one kernel each way). The context is read at trace
-    time: a function traced before entering it keeps what it traced.
+    time: a function traced before entering it keeps what it traced. It is
+    the one switch exporters set: any solver path that would put a custom
+    operator in the graph must fall back to the plain ops under it (export
+    never uses a custom op).
     """
     token = _BUILTIN_OPS_ONLY.set(True)
     try:

@@ -217,3 +217,16 @@ def test_runner_errors_are_one_line(run_dir, tmp_path):
     assert process.returncode == 1 and "Traceback" not in process.stderr
     assert process.stderr.strip().splitlines()[-1].startswith(
         "error: Invalid value for argument `quantize`: expected 'none' for format")
+
+
+def test_deploy_benchmark_reports_size_and_latency():
+    from benchmarks import deploy
+
+    results = deploy.run(["resnet32", "resnet32_global_K1"], ["none"], rounds=1, repeats=1,
+                         warmup=0, threads=1)
+    for name, params in (("resnet32", 469_370), ("resnet32_global_K1", 163_258)):
+        r = results[name]["none"]
+        assert r["custom_ops"] == [] and r["latency_ms_batch1"] > 0
+        # Every weight is in the file as a float32 constant (not an uninitialised variable).
+        assert 4 * params < r["size_bytes"] < 4 * params + 200_000, (name, r["size_bytes"])
+    assert results["resnet32"]["none"]["latency_ratio_vs_resnet32"] == 1.0

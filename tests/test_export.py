@@ -224,9 +224,10 @@ def test_deploy_benchmark_reports_size_and_latency():
 
     results = deploy.run(["resnet32", "resnet32_global_K1"], ["none"], rounds=1, repeats=1,
                          warmup=0, threads=1)
-    for name, params in (("resnet32", 469_370), ("resnet32_global_K1", 163_258)):
+    for name, params in (("resnet32", 469_370), ("resnet32_global_K1", 163_578)):
         r = results[name]["none"]
         assert r["custom_ops"] == [] and r["latency_ms_batch1"] > 0
-        # Every weight is in the file as a float32 constant (not an uninitialised variable).
-        assert 4 * params < r["size_bytes"] < 4 * params + 200_000, (name, r["size_bytes"])
+        # The weights are in the file as float32 constants, not uninitialised variables
+        # (folded batch norms keep 1-2 of their 4 numbers per channel).
+        assert 3.2 * params < r["size_bytes"] < 4 * params + 200_000, (name, r["size_bytes"])
     assert results["resnet32"]["none"]["latency_ratio_vs_resnet32"] == 1.0

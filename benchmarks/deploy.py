@@ -22,17 +22,13 @@ import numpy as np
 
 import pde_keras
 from pde_keras import export, training
-from benchmarks import timing
+from benchmarks import timing, train
 
 FLAGS = flags.FLAGS
 
 # name -> function returning the core model (normalised images -> logits)
-MODELS = {
-    "resnet32": lambda: pde_keras.models.create("resnet32"),
-    "resnet32_4stage": lambda: pde_keras.models.create("resnet32_4stage"),
-    "resnet32_global_K1": lambda: pde_keras.models.create("resnet32_global", steps=1),
-    "resnet32_global_K5": lambda: pde_keras.models.create("resnet32_global", steps=5),
-}
+MODELS = {name: train.MODELS[name] for name in (
+    "resnet32", "resnet32_4stage", "resnet32_global_K1", "resnet32_global_K5")}
 # CIFAR-10's per-channel pixel statistics; the benchmark only needs plausible ones.
 PIXEL_MEAN, PIXEL_STD = (125.3, 123.0, 113.9), (63.0, 62.1, 66.7)
 

@@ -3,7 +3,6 @@ the Keras model they come from; quantised files on real CIFAR-10 images; the
 `experiments.export` runner and its one-line errors."""
 
 import json
-import tarfile
 
 import keras
 import numpy as np
@@ -11,7 +10,7 @@ import pytest
 import tensorflow as tf
 
 from pde_keras import GlobalLayer, export, solver, training
-from test_runners import JPEG_TARBALL, _failed_with, _run
+from test_runners import JPEG_TARBALL, _failed_with, _run, extract_jpeg_subset
 
 # Every diffusivity, velocity, init and boundary, and each use of the periodic
 # neighbours (stencil, central differences of u and v, Perona-Malik's Sobel).
@@ -128,13 +127,8 @@ def real_images(tmp_path_factory):
     """50 training and 30 test images of each class, as uint8 arrays."""
     if not JPEG_TARBALL.exists():
         pytest.skip("no CIFAR-10 JPEG copy here")
-    root = tmp_path_factory.mktemp("cifar10-jpeg")
-    wanted = {"train": {f"{i:04d}.jpg" for i in range(TRAIN_PER_CLASS)},
-              "test": {f"{i:04d}.jpg" for i in range(TEST_PER_CLASS)}}
-    with tarfile.open(JPEG_TARBALL, "r:gz") as tar:
-        members = [m for m in tar if m.isfile()
-                   and m.name.rsplit("/", 1)[-1] in wanted.get(m.name.split("/")[-3], ())]
-        tar.extractall(root, members=members, filter="data")
+    root = extract_jpeg_subset(tmp_path_factory.mktemp("cifar10-jpeg"), TRAIN_PER_CLASS,
+                               TEST_PER_CLASS)
     classes = sorted(p.name for p in (root / "train").iterdir())
     splits = {}
     for split in ("train", "test"):

@@ -5,6 +5,8 @@ the coefficient maps and the Perona-Malik Sobel filter all take their
 neighbours from :func:`neighbours`.
 """
 
+import contextlib
+import contextvars
 import functools
 
 import keras
@@ -17,6 +19,30 @@ BOUNDARIES = ("periodic", "neumann", "dirichlet")
 # Feature maps are NHWC: x is the height axis, y the width axis.
 X_AXIS = 1
 Y_AXIS = 2
+
+
+# Set by `builtin_ops_only()`; read when a graph is traced.
+_BUILTIN_OPS_ONLY = contextvars.ContextVar("builtin_ops_only", default=False)
+
+
+@contextlib.contextmanager
+def builtin_ops_only():
+    """Within it, the solver is traced from ops every runtime has built in.
+
+    Exporters trace models inside it (`pde_keras.export`): periodic neighbours
+    become slices + concatenation instead of TensorFlow's `Roll`, which the
+    TFLite runtime lacks (only its Select-ops runtime has it). Training and
+    inference keep `Roll` (one kernel each way). The context is read at trace
+    time: a function traced before entering it keeps what it traced. It is
+    the one switch exporters set: any solver path that would put a custom
+    operator in the graph must fall back to the plain ops under it (export
+    never uses a custom op).
+    """
+    token = _BUILTIN_OPS_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _BUILTIN_OPS_ONLY.reset(token)
 
 
 def _along(axis, index, rank=4):
@@ -41,12 +67,14 @@ def neighbours(field, axis, boundary="periodic"):
         `(next, previous)`, each shaped like `field`.
     """
     boundary = validation.check_choice("boundary", boundary, BOUNDARIES)
-    if boundary == "periodic":
+    if boundary == "periodic" and not _BUILTIN_OPS_ONLY.get():
         # One kernel each way (TensorFlow's roll), not slice + concatenate.
         return ops.roll(field, -1, axis=axis), ops.roll(field, 1, axis=axis)
     first = field[_along(axis, slice(0, 1))]
     last = field[_along(axis, slice(-1, None))]
-    if boundary == "neumann":
+    if boundary == "periodic":  # Under builtin_ops_only(): the wrap-around as slices.
+        after_last, before_first = first, last
+    elif boundary == "neumann":
         after_last, before_first = last, first
     else:
         after_last = before_first = ops.zeros_like(first)

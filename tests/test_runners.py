@@ -18,6 +18,17 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 JPEG_TARBALL = ROOT.parent / "shared" / "data" / "cifar10-jpeg" / "cifar10-jpeg.tar.gz"
 if not JPEG_TARBALL.exists():
     JPEG_TARBALL = pathlib.Path("/work/shared/data/cifar10-jpeg/cifar10-jpeg.tar.gz")
+
+
+def extract_jpeg_subset(root, train_per_class, test_per_class):
+    """The first images of each class of JPEG_TARBALL, as a train/ + test/ tree in `root`."""
+    wanted = {"train": {f"{i:04d}.jpg" for i in range(train_per_class)},
+              "test": {f"{i:04d}.jpg" for i in range(test_per_class)}}
+    with tarfile.open(JPEG_TARBALL, "r:gz") as tar:
+        members = [m for m in tar if m.isfile()
+                   and m.name.rsplit("/", 1)[-1] in wanted.get(m.name.split("/")[-3], ())]
+        tar.extractall(root, members=members, filter="data")
+    return root
 # The MNIST conv net with one channel on synthetic data: the cheapest run.
 TINY_MNIST = ["--backbone=conv", "--channels=1", "--data_source=synthetic",
               "--train_examples=128", "--test_examples=32", "--epochs=1"]

@@ -14,13 +14,12 @@ tests, so that the guard is seen to fail without the fix.
 
 import csv
 import math
-import tarfile
 
 import keras
 import pytest
 
 from pde_keras import training
-from test_runners import JPEG_TARBALL
+from test_runners import JPEG_TARBALL, extract_jpeg_subset
 
 pytestmark = pytest.mark.skipif(not JPEG_TARBALL.exists(), reason="no CIFAR-10 JPEG copy here")
 TRAIN_PER_CLASS, TEST_PER_CLASS = 100, 20
@@ -29,14 +28,8 @@ TRAIN_PER_CLASS, TEST_PER_CLASS = 100, 20
 @pytest.fixture(scope="module")
 def jpeg_subset(tmp_path_factory):
     """The first 100 training and 20 test images of each class, as an image tree."""
-    root = tmp_path_factory.mktemp("cifar10-jpeg")
-    wanted = {"train": {f"{i:04d}.jpg" for i in range(TRAIN_PER_CLASS)},
-              "test": {f"{i:04d}.jpg" for i in range(TEST_PER_CLASS)}}
-    with tarfile.open(JPEG_TARBALL, "r:gz") as tar:
-        members = [m for m in tar if m.isfile()
-                   and m.name.rsplit("/", 1)[-1] in wanted.get(m.name.split("/")[-3], ())]
-        tar.extractall(root, members=members, filter="data")
-    return root
+    return extract_jpeg_subset(tmp_path_factory.mktemp("cifar10-jpeg"), TRAIN_PER_CLASS,
+                               TEST_PER_CLASS)
 
 
 @pytest.mark.parametrize("options", [{}, {"diffusivity": "perona_malik"}],

@@ -1,0 +1,177 @@
+"""The compiled, fused solver kernel (TensorFlow on CPU) and the path switch.
+
+`pde_keras/kernels/fused_solver.cc` runs the K solver steps of
+`pde_keras.solver` as one TensorFlow op, coefficient maps included, with a
+hand-written backward op (the adjoint recurrence). It is built from source
+on first use with the installed TensorFlow's compile and link flags, cached
+per TensorFlow version and source hash, and loaded with
+`tf.load_op_library`. The keras.ops solver stays the reference: it runs on
+JAX, for dtypes other than float32, under XLA, and whenever the kernel
+cannot be built (one log line says why).
+
+The path is a runtime choice, never part of a layer's config:
+`PDE_KERAS_SOLVER=auto` (default: the kernel where it applies),
+`compiled` (the kernel; an error where it cannot run) or `reference`
+(the keras.ops solver). `PDE_KERAS_CACHE` sets the cache directory
+(default `$XDG_CACHE_HOME/pde_keras/ops` or `~/.cache/pde_keras/ops`) and
+`CXX` the compiler (default `g++`).
+"""
+
+import contextlib
+import fcntl
+import hashlib
+import logging
+import os
+import pathlib
+import subprocess
+import sys
+import tempfile
+import threading
+
+import keras
+
+from pde_keras import validation
+
+SOURCE = pathlib.Path(__file__).parent / "kernels" / "fused_solver.cc"
+ENVIRONMENT_VARIABLE = "PDE_KERAS_SOLVER"
+PATHS = ("auto", "compiled", "reference")
+
+_LOG = logging.getLogger("pde_keras")
+_lock = threading.Lock()
+_library = None
+_failure = None  # why the kernel cannot be used, once known
+_logged = set()
+
+
+def requested_path():
+    """The path asked for by `PDE_KERAS_SOLVER`: `auto`, `compiled` or `reference`."""
+    value = os.environ.get(ENVIRONMENT_VARIABLE, "auto").strip().lower() or "auto"
+    return validation.check_choice(ENVIRONMENT_VARIABLE, value, PATHS)
+
+
+def _log_once(message):
+    if message not in _logged:
+        _logged.add(message)
+        _LOG.warning(message)
+
+
+def _cache_directory(tensorflow_version, source_digest):
+    root = os.environ.get("PDE_KERAS_CACHE")
+    if not root:
+        root = pathlib.Path(os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache")
+        root = root / "pde_keras" / "ops"
+    return pathlib.Path(root) / f"{tensorflow_version}-{source_digest}"
+
+
+def _build(tf, library_path):
+    """Compiles the kernel to `library_path` (atomically: temp file, then rename)."""
+    compiler = os.environ.get("CXX", "g++")
+    handle, temporary = tempfile.mkstemp(suffix=".so.tmp", dir=library_path.parent)
+    os.close(handle)
+    command = ([compiler, "-O3", "-fPIC", "-shared", "-w", str(SOURCE), "-o", temporary]
+               + tf.sysconfig.get_compile_flags() + tf.sysconfig.get_link_flags())
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            raise RuntimeError(f"`{compiler}` failed ({result.returncode}): "
+                               f"{result.stderr.strip()[-2000:]}")
+        os.replace(temporary, library_path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(temporary)
+
+
+def _load():
+    """Builds (once per TensorFlow version and source) and loads the kernel."""
+    import tensorflow as tf
+
+    source_digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
+    directory = _cache_directory(tf.__version__, source_digest)
+    directory.mkdir(parents=True, exist_ok=True)
+    library_path = directory / "fused_solver.so"
+    # The lock makes concurrent processes wait for one build instead of
+    # compiling side by side; the rename makes a half-written file invisible.
+    with open(directory / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not library_path.exists():
+            _build(tf, library_path)
+    library = tf.load_op_library(str(library_path))
+    _register_gradient(tf, library)
+    return library
+
+
+def _register_gradient(tf, library):
+    gradient = library.pde_keras_solve_grad
+
+    @tf.RegisterGradient("PdeKerasSolve")
+    def _solve_gradient(op, grad_solution):
+        attrs = {name: op.get_attr(name) for name in ("steps", "dt", "dx", "dy", "boundary")}
+        return gradient(*op.inputs, grad_solution, **attrs)
+
+
+def library():
+    """The loaded op library, or None (the reason logged once) if it cannot be built."""
+    global _library, _failure
+    with _lock:
+        if _library is None and _failure is None:
+            if sys.platform != "linux":
+                _failure = f"the kernel is built for Linux only, not {sys.platform}"
+            else:
+                try:
+                    _library = _load()
+                except Exception as error:  # noqa: BLE001 - any failure means: fall back
+                    _failure = f"{type(error).__name__}: {error}"
+        if _failure is not None:
+            _log_once("pde_keras: the compiled solver kernel is unavailable, so the keras.ops "
+                      f"solver runs ({_failure}).")
+        return _library
+
+
+def _in_xla_context(tf):
+    """Whether ops are being traced for XLA (the kernel has no XLA lowering)."""
+    try:
+        from tensorflow.python.ops import control_flow_util
+    except ImportError:  # pragma: no cover - private module moved
+        return False
+    if tf.executing_eagerly():
+        return False
+    return control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
+
+
+def use_compiled(dtype):
+    """Whether `solve_advection_diffusion` runs the kernel for a `dtype` problem.
+
+    Raises:
+        RuntimeError: `PDE_KERAS_SOLVER=compiled` where the kernel cannot run.
+    """
+    path = requested_path()
+    if path == "reference":
+        return False
+    forced = path == "compiled"
+    if keras.backend.backend() != "tensorflow":
+        reason = f"the compiled kernel is TensorFlow-only, the backend is {keras.backend.backend()}"
+        if forced:
+            raise RuntimeError(f"{ENVIRONMENT_VARIABLE}=compiled: {reason}.")
+        _log_once(f"pde_keras: the keras.ops solver runs ({reason}).")
+        return False
+    if keras.backend.standardize_dtype(dtype) != "float32":
+        return False  # the kernel is float32; the solver runs in float32 under mixed precision
+    import tensorflow as tf
+
+    if _in_xla_context(tf):
+        return False
+    if not forced and tf.config.list_logical_devices("GPU"):
+        return False  # CPU kernel: leave GPU graphs to TensorFlow's own kernels
+    if library() is None:
+        if forced:
+            raise RuntimeError(f"{ENVIRONMENT_VARIABLE}=compiled, but the kernel could not be "
+                               f"built: {_failure}")
+        return False
+    return True
+
+
+def solve(source, initial, diffusivity, velocity, steps, dt, dx, dy, boundary):
+    """H^K from the kernel; every tensor float32 and shaped like `source`."""
+    return library().pde_keras_solve(
+        source, initial, diffusivity[0], diffusivity[1], velocity[0], velocity[1],
+        steps=steps, dt=dt, dx=dx, dy=dy, boundary=boundary)

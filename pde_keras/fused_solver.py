@@ -55,6 +55,15 @@ def _log_once(message):
         _LOG.warning(message)
 
 
+def _instruction_set_flags():
+    """`-mavx2 -mfma` where this CPU has them (the kernel's vectors double in width)."""
+    try:
+        cpu_flags = set(pathlib.Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return []
+    return ["-mavx2", "-mfma"] if {"avx2", "fma"} <= cpu_flags else []
+
+
 def _cache_directory(tensorflow_version, source_digest):
     root = os.environ.get("PDE_KERAS_CACHE")
     if not root:
@@ -68,8 +77,8 @@ def _build(tf, library_path):
     compiler = os.environ.get("CXX", "g++")
     handle, temporary = tempfile.mkstemp(suffix=".so.tmp", dir=library_path.parent)
     os.close(handle)
-    command = ([compiler, "-O3", "-fPIC", "-shared", "-w", str(SOURCE), "-o", temporary]
-               + tf.sysconfig.get_compile_flags() + tf.sysconfig.get_link_flags())
+    command = ([compiler, "-O3", "-fPIC", "-shared", "-w", *_instruction_set_flags(), str(SOURCE),
+                "-o", temporary] + tf.sysconfig.get_compile_flags() + tf.sysconfig.get_link_flags())
     try:
         result = subprocess.run(command, capture_output=True, text=True, check=False)
         if result.returncode != 0:
@@ -85,7 +94,10 @@ def _load():
     """Builds (once per TensorFlow version and source) and loads the kernel."""
     import tensorflow as tf
 
-    source_digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
+    # The build flags are part of the key: a cache shared by machines with
+    # different CPUs never hands one a library built for the other.
+    key = SOURCE.read_bytes() + " ".join(_instruction_set_flags()).encode()
+    source_digest = hashlib.sha256(key).hexdigest()[:16]
     directory = _cache_directory(tf.__version__, source_digest)
     directory.mkdir(parents=True, exist_ok=True)
     library_path = directory / "fused_solver.so"

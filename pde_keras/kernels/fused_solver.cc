@@ -29,6 +29,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -46,11 +47,17 @@ using ::tensorflow::Tensor;
 using ::tensorflow::TensorShape;
 using ::tensorflow::errors::InvalidArgument;
 
-// Channels per work unit: wide enough for the channel loops to vectorise,
-// narrow enough that a batch-1 call still splits across the threads.
-constexpr int64_t kChannelBlock = 8;
+// Channels per work unit: one GCC vector of kLanes floats per cell, so every
+// channel loop is a vector operation (AVX: one instruction, SSE: two); few
+// enough that a batch-1 call still splits across threads. A last block of
+// fewer channels is zero-padded.
+constexpr int64_t kLanes = 8;
+typedef float Lanes __attribute__((vector_size(kLanes * sizeof(float))));
+// A plane: one Lanes per cell of an (image, channel block), row-major.
+using Plane = std::vector<Lanes>;
 // Ghost cell of value zero (dirichlet): a neighbour index of -1.
 constexpr int64_t kZeroGhost = -1;
+const Lanes kZero = {};
 
 enum class Boundary { kPeriodic, kNeumann, kDirichlet };
 
@@ -72,8 +79,8 @@ struct Settings {
   Boundary boundary;
   // The scheme's constants, computed in double as the Python reference does
   // with Python floats, then rounded once.
-  float half_over_dx, half_over_dy;   // central differences
-  float dt_over_dx, dt_over_dy;       // A_x = u dt/dx, A_y = v dt/dy
+  float half_over_dx, half_over_dy;        // central differences
+  float dt_over_dx, dt_over_dy;            // A_x = u dt/dx, A_y = v dt/dy
   float two_dt_over_dx2, two_dt_over_dy2;  // 2 B_x / D_x, 2 B_y / D_y
   float minus_two_dt, two_dt;
 
@@ -100,7 +107,7 @@ struct Settings {
 };
 
 // The four neighbours of every cell of one (height x width) plane, as cell
-// indices (or kZeroGhost).
+// indices, or kZeroGhost.
 struct Neighbours {
   std::vector<int64_t> x_next, x_previous, y_next, y_previous;
 
@@ -123,8 +130,13 @@ struct Neighbours {
   }
 };
 
-// One (image, channel block) unit: `block` channels starting at `channel`
-// of image `image`. Local planes are [cells][block], contiguous.
+// Neighbour `index` of a plane, or the zero ghost.
+inline const Lanes& At(const Lanes* plane, int64_t index) {
+  return index == kZeroGhost ? kZero : plane[index];
+}
+
+// One (image, channel block) unit: `block` (<= kLanes) channels starting at
+// `channel` of image `image`.
 struct Unit {
   int64_t image, channel, block;
 };
@@ -136,132 +148,209 @@ struct Geometry {
   explicit Geometry(const TensorShape& shape)
       : batch(shape.dim_size(0)), height(shape.dim_size(1)), width(shape.dim_size(2)),
         channels(shape.dim_size(3)), cells(shape.dim_size(1) * shape.dim_size(2)),
-        blocks((shape.dim_size(3) + kChannelBlock - 1) / kChannelBlock) {}
+        blocks((shape.dim_size(3) + kLanes - 1) / kLanes) {}
 
   int64_t units() const { return batch * blocks; }
 
   Unit unit(int64_t index) const {
-    const int64_t channel = (index % blocks) * kChannelBlock;
-    return {index / blocks, channel, std::min(kChannelBlock, channels - channel)};
+    const int64_t channel = (index % blocks) * kLanes;
+    return {index / blocks, channel, std::min(kLanes, channels - channel)};
   }
 
-  // Copies the unit's channels of an NHWC tensor into a local plane.
-  void Gather(const float* tensor, const Unit& unit, float* local) const {
+  // Copies the unit's channels of an NHWC tensor into a plane.
+  void Gather(const float* tensor, const Unit& unit, Plane& plane) const {
+    plane.resize(cells);
     const float* base = tensor + unit.image * cells * channels + unit.channel;
+    if (unit.block == kLanes) {  // a fixed-size copy compiles to one vector load
+      for (int64_t p = 0; p < cells; ++p) std::memcpy(&plane[p], base + p * channels, sizeof(Lanes));
+      return;
+    }
+    std::fill(plane.begin(), plane.end(), kZero);
     for (int64_t p = 0; p < cells; ++p) {
-      std::copy(base + p * channels, base + p * channels + unit.block, local + p * unit.block);
+      std::memcpy(&plane[p], base + p * channels, unit.block * sizeof(float));
     }
   }
 
-  void Scatter(const float* local, const Unit& unit, float* tensor) const {
+  void Scatter(const Plane& plane, const Unit& unit, float* tensor) const {
     float* base = tensor + unit.image * cells * channels + unit.channel;
+    if (unit.block == kLanes) {
+      for (int64_t p = 0; p < cells; ++p) std::memcpy(base + p * channels, &plane[p], sizeof(Lanes));
+      return;
+    }
     for (int64_t p = 0; p < cells; ++p) {
-      std::copy(local + p * unit.block, local + (p + 1) * unit.block, base + p * channels);
+      std::memcpy(base + p * channels, &plane[p], unit.block * sizeof(float));
     }
   }
 };
 
-// Pointer to neighbour cell `index` of a local plane, or to zeros.
-inline const float* At(const float* plane, int64_t index, int64_t block, const float* zeros) {
-  return index == kZeroGhost ? zeros : plane + index * block;
-}
-
 // The seven coefficient maps of one unit, divided through by L, plus 1/L.
 struct Coefficients {
-  std::vector<float> previous, centre, x_next, x_previous, y_next, y_previous, source, inv_l;
+  Plane previous, centre, x_next, x_previous, y_next, y_previous, source, inv_l;
 
-  void Resize(int64_t size) {
+  // From planes of D_x, D_y, u, v (solver.stencil_coefficients).
+  void Compute(const Plane& d_x, const Plane& d_y, const Plane& u, const Plane& v,
+               const Neighbours& nb, const Settings& s) {
+    const int64_t cells = u.size();
     for (auto* map : {&previous, &centre, &x_next, &x_previous, &y_next, &y_previous, &source,
                       &inv_l}) {
-      map->resize(size);
+      map->resize(cells);
     }
-  }
-
-  // From local planes of D_x, D_y, u, v (solver.stencil_coefficients).
-  void Compute(const float* d_x, const float* d_y, const float* u, const float* v,
-               const Neighbours& nb, int64_t cells, int64_t block, const float* zeros,
-               const Settings& s) {
     for (int64_t p = 0; p < cells; ++p) {
-      const float* u_next = At(u, nb.x_next[p], block, zeros);
-      const float* u_prev = At(u, nb.x_previous[p], block, zeros);
-      const float* v_next = At(v, nb.y_next[p], block, zeros);
-      const float* v_prev = At(v, nb.y_previous[p], block, zeros);
-      const int64_t o = p * block;
-      for (int64_t l = 0; l < block; ++l) {
-        const float ux = (u_next[l] - u_prev[l]) * s.half_over_dx;
-        const float vy = (v_next[l] - v_prev[l]) * s.half_over_dy;
-        const float a_x = u[o + l] * s.dt_over_dx, a_y = v[o + l] * s.dt_over_dy;
-        const float two_b_x = d_x[o + l] * s.two_dt_over_dx2;
-        const float two_b_y = d_y[o + l] * s.two_dt_over_dy2;
-        const float inv = 1.0f / (1.0f + two_b_x + two_b_y);
-        inv_l[o + l] = inv;
-        previous[o + l] = (1.0f - two_b_x - two_b_y) * inv;
-        centre[o + l] = (ux + vy) * s.minus_two_dt * inv;
-        x_next[o + l] = (two_b_x - a_x) * inv;
-        x_previous[o + l] = (two_b_x + a_x) * inv;
-        y_next[o + l] = (two_b_y - a_y) * inv;
-        y_previous[o + l] = (two_b_y + a_y) * inv;
-        source[o + l] = s.two_dt * inv;
-      }
+      const Lanes ux = (At(u.data(), nb.x_next[p]) - At(u.data(), nb.x_previous[p])) *
+                       s.half_over_dx;
+      const Lanes vy = (At(v.data(), nb.y_next[p]) - At(v.data(), nb.y_previous[p])) *
+                       s.half_over_dy;
+      const Lanes a_x = u[p] * s.dt_over_dx, a_y = v[p] * s.dt_over_dy;
+      const Lanes two_b_x = d_x[p] * s.two_dt_over_dx2;
+      const Lanes two_b_y = d_y[p] * s.two_dt_over_dy2;
+      const Lanes inv = 1.0f / (1.0f + two_b_x + two_b_y);
+      inv_l[p] = inv;
+      previous[p] = (1.0f - two_b_x - two_b_y) * inv;
+      centre[p] = (ux + vy) * s.minus_two_dt * inv;
+      x_next[p] = (two_b_x - a_x) * inv;
+      x_previous[p] = (two_b_x + a_x) * inv;
+      y_next[p] = (two_b_y - a_y) * inv;
+      y_previous[p] = (two_b_y + a_y) * inv;
+      source[p] = s.two_dt * inv;
     }
   }
 };
 
 // One step: next = a previous + driven + b current + sum_n c_n S_n(current).
-void Step(const Coefficients& c, const float* driven, const float* previous,
-          const float* current, const Neighbours& nb, int64_t cells, int64_t block,
-          const float* zeros, float* next) {
-  for (int64_t p = 0; p < cells; ++p) {
-    const float* xn = At(current, nb.x_next[p], block, zeros);
-    const float* xp = At(current, nb.x_previous[p], block, zeros);
-    const float* yn = At(current, nb.y_next[p], block, zeros);
-    const float* yp = At(current, nb.y_previous[p], block, zeros);
-    const int64_t o = p * block;
-    for (int64_t l = 0; l < block; ++l) {
-      next[o + l] = c.previous[o + l] * previous[o + l] + driven[o + l] +
-                    c.centre[o + l] * current[o + l] + c.x_next[o + l] * xn[l] +
-                    c.x_previous[o + l] * xp[l] + c.y_next[o + l] * yn[l] +
-                    c.y_previous[o + l] * yp[l];
-    }
+void Step(const Coefficients& c, const Plane& driven, const Plane& previous,
+          const Plane& current, const Neighbours& nb, Plane& next) {
+  const Lanes* h = current.data();
+  for (size_t p = 0; p < current.size(); ++p) {
+    next[p] = c.previous[p] * previous[p] + driven[p] + c.centre[p] * h[p] +
+              c.x_next[p] * At(h, nb.x_next[p]) + c.x_previous[p] * At(h, nb.x_previous[p]) +
+              c.y_next[p] * At(h, nb.y_next[p]) + c.y_previous[p] * At(h, nb.y_previous[p]);
   }
 }
 
-// Buffers and results of one unit's forward pass.
-struct UnitState {
-  std::vector<float> f, d_x, d_y, u, v, driven, zeros;
+// Planes and results of one unit's forward pass.
+struct Forward {
+  Plane f, d_x, d_y, u, v, driven;
   // states[k + 1] = H^k for k = -1 .. (the last state kept).
-  std::vector<std::vector<float>> states;
+  std::vector<Plane> states;
   Coefficients c;
 
   // Loads the unit, computes the maps and runs the K steps. Keeps every
   // state when `keep_all` (the gradient needs H^{-1} .. H^{K-1}); returns H^K.
-  const float* Run(const Geometry& g, const Unit& unit, const Neighbours& nb,
+  const Plane& Run(const Geometry& g, const Unit& unit, const Neighbours& nb,
                    const Settings& s, const float* const inputs[6], bool keep_all) {
-    const int64_t size = g.cells * unit.block;
-    for (auto* plane : {&f, &d_x, &d_y, &u, &v, &driven}) plane->resize(size);
-    zeros.assign(unit.block, 0.0f);
-    g.Gather(inputs[0], unit, f.data());
-    g.Gather(inputs[2], unit, d_x.data());
-    g.Gather(inputs[3], unit, d_y.data());
-    g.Gather(inputs[4], unit, u.data());
-    g.Gather(inputs[5], unit, v.data());
-    c.Resize(size);
-    c.Compute(d_x.data(), d_y.data(), u.data(), v.data(), nb, g.cells, unit.block,
-              zeros.data(), s);
-    for (int64_t i = 0; i < size; ++i) driven[i] = c.source[i] * f[i];
+    g.Gather(inputs[0], unit, f);
+    g.Gather(inputs[2], unit, d_x);
+    g.Gather(inputs[3], unit, d_y);
+    g.Gather(inputs[4], unit, u);
+    g.Gather(inputs[5], unit, v);
+    c.Compute(d_x, d_y, u, v, nb, s);
+    driven.resize(g.cells);
+    for (int64_t p = 0; p < g.cells; ++p) driven[p] = c.source[p] * f[p];
     // Forward: three rotating states; gradient: all K + 2.
     const size_t count = keep_all ? s.steps + 2 : 3;
-    states.resize(count);
-    for (auto& state : states) state.resize(size);
-    std::copy(f.begin(), f.end(), states[0].begin());
-    g.Gather(inputs[1], unit, states[1].data());
+    if (states.size() < count) states.resize(count);
+    for (size_t i = 0; i < count; ++i) states[i].resize(g.cells);
+    states[0] = f;
+    g.Gather(inputs[1], unit, states[1]);
     for (int k = 0; k < s.steps; ++k) {
       const size_t prev = keep_all ? k : k % 3, cur = keep_all ? k + 1 : (k + 1) % 3,
                    next = keep_all ? k + 2 : (k + 2) % 3;
-      Step(c, driven.data(), states[prev].data(), states[cur].data(), nb, g.cells, unit.block,
-           zeros.data(), states[next].data());
+      Step(c, driven, states[prev], states[cur], nb, states[next]);
     }
-    return states[keep_all ? s.steps + 1 : (s.steps + 1) % 3].data();
+    return states[keep_all ? s.steps + 1 : (s.steps + 1) % 3];
+  }
+};
+
+// The adjoint pass of one unit.
+struct Backward {
+  // Adjoint states G^{k+1}, G^k, G^{k-1} (rotating) and the gradients of
+  // the seven coefficient maps, then of f, D_x, D_y, u, v.
+  Plane g_next, g_current, g_previous;
+  Plane d_previous, d_centre, d_x_next, d_x_previous, d_y_next, d_y_previous, d_source, d_f,
+      d_dx, d_dy, d_u, d_v;
+
+  // One step k backwards: g_next = G^{k+1} (complete) flows into the maps'
+  // gradients, G^k (g_current) and G^{k-1} (g_previous, overwritten).
+  void Step(const Coefficients& c, const Plane& f, const Plane& h_previous,
+            const Plane& current, const Neighbours& nb) {
+    const Lanes* h = current.data();
+    Lanes* g_k = g_current.data();
+    for (size_t p = 0; p < current.size(); ++p) {
+      const int64_t xn = nb.x_next[p], xp = nb.x_previous[p];
+      const int64_t yn = nb.y_next[p], yp = nb.y_previous[p];
+      const Lanes g = g_next[p];
+      d_previous[p] += g * h_previous[p];
+      d_centre[p] += g * h[p];
+      d_x_next[p] += g * At(h, xn);
+      d_x_previous[p] += g * At(h, xp);
+      d_y_next[p] += g * At(h, yn);
+      d_y_previous[p] += g * At(h, yp);
+      d_source[p] += g * f[p];
+      d_f[p] += g * c.source[p];  // f drives every step
+      g_k[p] += c.centre[p] * g;
+      g_previous[p] = c.previous[p] * g;
+      // S_n^T: each cell's neighbour term flows back to that neighbour.
+      if (xn != kZeroGhost) g_k[xn] += c.x_next[p] * g;
+      if (xp != kZeroGhost) g_k[xp] += c.x_previous[p] * g;
+      if (yn != kZeroGhost) g_k[yn] += c.y_next[p] * g;
+      if (yp != kZeroGhost) g_k[yp] += c.y_previous[p] * g;
+    }
+  }
+
+  void Run(const Geometry& geometry, const Unit& unit, const Neighbours& nb, const Settings& s,
+           const Forward& forward, const float* grad_solution, float* const outputs[6]) {
+    for (auto* plane : {&g_current, &g_previous, &d_previous, &d_centre, &d_x_next,
+                        &d_x_previous, &d_y_next, &d_y_previous, &d_source, &d_f}) {
+      plane->assign(geometry.cells, kZero);
+    }
+    geometry.Gather(grad_solution, unit, g_next);
+    for (int k = s.steps - 1; k >= 0; --k) {
+      // H^{k-1} = states[k], H^k = states[k + 1].
+      Step(forward.c, forward.f, forward.states[k], forward.states[k + 1], nb);
+      // Rotate: G^k is complete; G^{k-1} holds a G^{k+1} so far.
+      std::swap(g_next, g_current);
+      std::swap(g_current, g_previous);
+    }
+    // Now g_next = G^0 = dL/dH^0 and g_current = G^{-1} (H^{-1} is f).
+    geometry.Scatter(g_next, unit, outputs[1]);
+    for (int64_t p = 0; p < geometry.cells; ++p) d_f[p] += g_current[p];
+    geometry.Scatter(d_f, unit, outputs[0]);
+    ChainToInputs(geometry, unit, nb, s, forward.c, outputs);
+  }
+
+  // From the seven maps' gradients to those of D_x, D_y, u, v.
+  void ChainToInputs(const Geometry& geometry, const Unit& unit, const Neighbours& nb,
+                     const Settings& s, const Coefficients& c, float* const outputs[6]) {
+    for (auto* plane : {&d_u, &d_v}) plane->assign(geometry.cells, kZero);
+    d_dx.resize(geometry.cells), d_dy.resize(geometry.cells);
+    for (int64_t p = 0; p < geometry.cells; ++p) {
+      const Lanes inv = c.inv_l[p];
+      // Every map is (numerator) / L: d map / d(2B) = (d numerator / d(2B) - map) / L.
+      const Lanes through_l =
+          -(d_previous[p] * c.previous[p] + d_centre[p] * c.centre[p] +
+            d_x_next[p] * c.x_next[p] + d_x_previous[p] * c.x_previous[p] +
+            d_y_next[p] * c.y_next[p] + d_y_previous[p] * c.y_previous[p] +
+            d_source[p] * c.source[p]) * inv;
+      d_dx[p] = (through_l + (d_x_next[p] + d_x_previous[p] - d_previous[p]) * inv) *
+                s.two_dt_over_dx2;
+      d_dy[p] = (through_l + (d_y_next[p] + d_y_previous[p] - d_previous[p]) * inv) *
+                s.two_dt_over_dy2;
+      d_u[p] += (d_x_previous[p] - d_x_next[p]) * inv * s.dt_over_dx;
+      d_v[p] += (d_y_previous[p] - d_y_next[p]) * inv * s.dt_over_dy;
+      // centre = (u_x + v_y) (-2 dt) / L, u_x = (u[x+1] - u[x-1]) / (2 dx):
+      // the transposed central differences.
+      const Lanes divergence = d_centre[p] * s.minus_two_dt * inv;
+      const int64_t xn = nb.x_next[p], xp = nb.x_previous[p];
+      const int64_t yn = nb.y_next[p], yp = nb.y_previous[p];
+      if (xn != kZeroGhost) d_u[xn] += divergence * s.half_over_dx;
+      if (xp != kZeroGhost) d_u[xp] -= divergence * s.half_over_dx;
+      if (yn != kZeroGhost) d_v[yn] += divergence * s.half_over_dy;
+      if (yp != kZeroGhost) d_v[yp] -= divergence * s.half_over_dy;
+    }
+    geometry.Scatter(d_dx, unit, outputs[2]);
+    geometry.Scatter(d_dy, unit, outputs[3]);
+    geometry.Scatter(d_u, unit, outputs[4]);
+    geometry.Scatter(d_v, unit, outputs[5]);
   }
 };
 
@@ -307,9 +396,9 @@ class SolveOp : public OpKernel {
     for (int i = 0; i < 6; ++i) inputs[i] = context->input(i).flat<float>().data();
     float* out = output->flat<float>().data();
     const Neighbours nb(g.height, g.width, settings_.boundary);
-    const int64_t cost = g.cells * kChannelBlock * (30 + 15 * settings_.steps);
+    const int64_t cost = g.cells * kLanes * (30 + 15 * settings_.steps);
     ForEachUnit(context, g, cost, [&](const Unit& unit) {
-      thread_local UnitState state;
+      thread_local Forward state;
       g.Scatter(state.Run(g, unit, nb, settings_, inputs, false), unit, out);
     });
   }
@@ -338,9 +427,9 @@ class SolveGradOp : public OpKernel {
     for (int i = 0; i < 6; ++i) inputs[i] = context->input(i).flat<float>().data();
     const float* grad_solution = context->input(6).flat<float>().data();
     const Neighbours nb(g.height, g.width, settings_.boundary);
-    const int64_t cost = g.cells * kChannelBlock * (80 + 45 * settings_.steps);
+    const int64_t cost = g.cells * kLanes * (80 + 45 * settings_.steps);
     ForEachUnit(context, g, cost, [&](const Unit& unit) {
-      thread_local UnitState state;
+      thread_local Forward state;
       thread_local Backward backward;
       state.Run(g, unit, nb, settings_, inputs, true);
       backward.Run(g, unit, nb, settings_, state, grad_solution, outputs);
@@ -348,119 +437,6 @@ class SolveGradOp : public OpKernel {
   }
 
  private:
-  // The adjoint pass of one unit.
-  struct Backward {
-    // Adjoint states G^{k+1}, G^k, G^{k-1} (rotating) and the gradients of
-    // the seven coefficient maps, then of D_x, D_y, u, v and f.
-    std::vector<float> g_next, g_current, g_previous;
-    std::vector<float> d_previous, d_centre, d_x_next, d_x_previous, d_y_next, d_y_previous,
-        d_source, d_f, d_dx, d_dy, d_u, d_v;
-
-    void Run(const Geometry& geometry, const Unit& unit, const Neighbours& nb,
-             const Settings& s, const UnitState& st, const float* grad_solution,
-             float* const outputs[6]) {
-      const int64_t cells = geometry.cells, block = unit.block, size = cells * block;
-      for (auto* plane : {&g_next, &g_current, &g_previous, &d_previous, &d_centre, &d_x_next,
-                          &d_x_previous, &d_y_next, &d_y_previous, &d_source, &d_f}) {
-        plane->assign(size, 0.0f);
-      }
-      const Coefficients& c = st.c;
-      const float* f = st.f.data();
-      geometry.Gather(grad_solution, unit, g_next.data());
-      for (int k = s.steps - 1; k >= 0; --k) {
-        // g_next = G^{k+1} is complete; H^{k-1} = states[k], H^k = states[k + 1].
-        const float* h_previous = st.states[k].data();
-        const float* h = st.states[k + 1].data();
-        for (int64_t p = 0; p < cells; ++p) {
-          const int64_t xn = nb.x_next[p], xp = nb.x_previous[p];
-          const int64_t yn = nb.y_next[p], yp = nb.y_previous[p];
-          const float* zeros = st.zeros.data();
-          const float* h_xn = At(h, xn, block, zeros);
-          const float* h_xp = At(h, xp, block, zeros);
-          const float* h_yn = At(h, yn, block, zeros);
-          const float* h_yp = At(h, yp, block, zeros);
-          const int64_t o = p * block;
-          for (int64_t l = 0; l < block; ++l) {
-            const float gl = g_next[o + l];
-            d_previous[o + l] += gl * h_previous[o + l];
-            d_centre[o + l] += gl * h[o + l];
-            d_x_next[o + l] += gl * h_xn[l];
-            d_x_previous[o + l] += gl * h_xp[l];
-            d_y_next[o + l] += gl * h_yn[l];
-            d_y_previous[o + l] += gl * h_yp[l];
-            d_source[o + l] += gl * f[o + l];
-            d_f[o + l] += gl * c.source[o + l];  // f drives every step
-            g_current[o + l] += c.centre[o + l] * gl;
-            g_previous[o + l] = c.previous[o + l] * gl;
-          }
-          // S_n^T: each cell's neighbour term flows back to that neighbour.
-          if (xn != kZeroGhost) {
-            float* target = g_current.data() + xn * block;
-            for (int64_t l = 0; l < block; ++l) target[l] += c.x_next[o + l] * g_next[o + l];
-          }
-          if (xp != kZeroGhost) {
-            float* target = g_current.data() + xp * block;
-            for (int64_t l = 0; l < block; ++l) target[l] += c.x_previous[o + l] * g_next[o + l];
-          }
-          if (yn != kZeroGhost) {
-            float* target = g_current.data() + yn * block;
-            for (int64_t l = 0; l < block; ++l) target[l] += c.y_next[o + l] * g_next[o + l];
-          }
-          if (yp != kZeroGhost) {
-            float* target = g_current.data() + yp * block;
-            for (int64_t l = 0; l < block; ++l) target[l] += c.y_previous[o + l] * g_next[o + l];
-          }
-        }
-        // Rotate: G^k is complete; G^{k-1} holds a G^{k+1} so far.
-        std::swap(g_next, g_current);
-        std::swap(g_current, g_previous);
-        std::fill(g_previous.begin(), g_previous.end(), 0.0f);
-      }
-      // Now g_next = G^0 = dL/dH^0, g_current = G^{-1} (H^{-1} is f).
-      geometry.Scatter(g_next.data(), unit, outputs[1]);
-      for (int64_t i = 0; i < size; ++i) d_f[i] += g_current[i];
-      geometry.Scatter(d_f.data(), unit, outputs[0]);
-      ChainToInputs(geometry, unit, nb, s, c, outputs);
-    }
-
-    void ChainToInputs(const Geometry& geometry, const Unit& unit, const Neighbours& nb,
-                       const Settings& s, const Coefficients& c, float* const outputs[6]) {
-      const int64_t cells = geometry.cells, block = unit.block, size = cells * block;
-      for (auto* plane : {&d_dx, &d_dy, &d_u, &d_v}) plane->assign(size, 0.0f);
-      for (int64_t p = 0; p < cells; ++p) {
-        const int64_t o = p * block;
-        const int64_t xn = nb.x_next[p], xp = nb.x_previous[p];
-        const int64_t yn = nb.y_next[p], yp = nb.y_previous[p];
-        for (int64_t l = 0; l < block; ++l) {
-          const int64_t i = o + l;
-          const float inv = c.inv_l[i];
-          // Every map is (numerator) / L: d map / d(2B) = (d numerator / d(2B) - map) / L.
-          const float through_l =
-              -(d_previous[i] * c.previous[i] + d_centre[i] * c.centre[i] +
-                d_x_next[i] * c.x_next[i] + d_x_previous[i] * c.x_previous[i] +
-                d_y_next[i] * c.y_next[i] + d_y_previous[i] * c.y_previous[i] +
-                d_source[i] * c.source[i]) * inv;
-          const float d_two_b_x = through_l + (d_x_next[i] + d_x_previous[i] - d_previous[i]) * inv;
-          const float d_two_b_y = through_l + (d_y_next[i] + d_y_previous[i] - d_previous[i]) * inv;
-          d_dx[i] = d_two_b_x * s.two_dt_over_dx2;
-          d_dy[i] = d_two_b_y * s.two_dt_over_dy2;
-          d_u[i] += (d_x_previous[i] - d_x_next[i]) * inv * s.dt_over_dx;
-          d_v[i] += (d_y_previous[i] - d_y_next[i]) * inv * s.dt_over_dy;
-          // centre = (u_x + v_y) (-2 dt) / L; u_x = (u[x+1] - u[x-1]) / (2 dx).
-          const float d_divergence = d_centre[i] * s.minus_two_dt * inv;
-          if (xn != kZeroGhost) d_u[xn * block + l] += d_divergence * s.half_over_dx;
-          if (xp != kZeroGhost) d_u[xp * block + l] -= d_divergence * s.half_over_dx;
-          if (yn != kZeroGhost) d_v[yn * block + l] += d_divergence * s.half_over_dy;
-          if (yp != kZeroGhost) d_v[yp * block + l] -= d_divergence * s.half_over_dy;
-        }
-      }
-      geometry.Scatter(d_dx.data(), unit, outputs[2]);
-      geometry.Scatter(d_dy.data(), unit, outputs[3]);
-      geometry.Scatter(d_u.data(), unit, outputs[4]);
-      geometry.Scatter(d_v.data(), unit, outputs[5]);
-    }
-  };
-
   Settings settings_;
 };
 

@@ -2,7 +2,8 @@
 
 `pde_keras/kernels/fused_solver.cc` runs the K solver steps of
 `pde_keras.solver` as one TensorFlow op, coefficient maps included, with a
-hand-written backward op (the adjoint recurrence). It is built from source
+hand-written backward op (the adjoint recurrence); a second op computes the
+Global layer's depth-wise coefficient convolution, one output per map. It is built from source
 on first use with the installed TensorFlow's compile and link flags, cached
 per TensorFlow version and source hash, and loaded with
 `tf.load_op_library`. The keras.ops solver stays the reference: it runs on
@@ -113,12 +114,15 @@ def _load():
 
 
 def _register_gradient(tf, library):
-    gradient = library.pde_keras_solve_grad
-
     @tf.RegisterGradient("PdeKerasSolve")
     def _solve_gradient(op, grad_solution):
         attrs = {name: op.get_attr(name) for name in ("steps", "dt", "dx", "dy", "boundary")}
-        return gradient(*op.inputs, grad_solution, **attrs)
+        return library.pde_keras_solve_grad(*op.inputs, grad_solution, **attrs)
+
+    @tf.RegisterGradient("PdeKerasDepthwiseMaps")
+    def _depthwise_gradient(op, *grad_maps):
+        grad_maps = [tf.zeros_like(op.inputs[0]) if g is None else g for g in grad_maps]
+        return library.pde_keras_depthwise_maps_grad(op.inputs[0], op.inputs[1], grad_maps)
 
 
 def library():
@@ -151,7 +155,7 @@ def _in_xla_context(tf):
 
 
 def use_compiled(dtype):
-    """Whether `solve_advection_diffusion` runs the kernel for a `dtype` problem.
+    """Whether the compiled kernels run for a `dtype` problem (solver, depth-wise maps).
 
     Raises:
         RuntimeError: `PDE_KERAS_SOLVER=compiled` where the kernel cannot run.
@@ -180,6 +184,13 @@ def use_compiled(dtype):
                                f"built: {_failure}")
         return False
     return True
+
+
+def depthwise_maps(inputs, kernel):
+    """The zero-padded 3x3 depth-wise conv of `inputs` (NHWC, float32) by
+    `kernel` (3, 3, channels, maps): a list of `maps` tensors shaped like
+    `inputs`, map k from `kernel[..., k]`."""
+    return library().pde_keras_depthwise_maps(inputs, kernel, count=int(kernel.shape[-1]))
 
 
 def solve(source, initial, diffusivity, velocity, steps, dt, dx, dy, boundary):

@@ -354,6 +354,11 @@ struct Backward {
   }
 };
 
+struct ForwardAndBackward {
+  Forward forward;
+  Backward backward;
+};
+
 Geometry CheckInputs(OpKernelContext* context, int count) {
   const TensorShape& shape = context->input(0).shape();
   if (shape.dims() != 4) {
@@ -372,13 +377,16 @@ Geometry CheckInputs(OpKernelContext* context, int count) {
   return Geometry(shape);
 }
 
-// Runs `work(unit)` for every unit on TensorFlow's CPU thread pool.
-template <typename Work>
+// Runs `work(unit, workspace)` for every unit on TensorFlow's CPU thread
+// pool; each shard (a range of units on one thread) has its own Workspace,
+// whose buffers the shard's units reuse.
+template <typename Workspace, typename Work>
 void ForEachUnit(OpKernelContext* context, const Geometry& g, int64_t cost_per_unit,
                  Work work) {
   auto* pool = context->device()->tensorflow_cpu_worker_threads()->workers;
   pool->ParallelFor(g.units(), cost_per_unit, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) work(g.unit(i));
+    Workspace workspace;
+    for (int64_t i = begin; i < end; ++i) work(g.unit(i), workspace);
   });
 }
 
@@ -397,9 +405,8 @@ class SolveOp : public OpKernel {
     float* out = output->flat<float>().data();
     const Neighbours nb(g.height, g.width, settings_.boundary);
     const int64_t cost = g.cells * kLanes * (30 + 15 * settings_.steps);
-    ForEachUnit(context, g, cost, [&](const Unit& unit) {
-      thread_local Forward state;
-      g.Scatter(state.Run(g, unit, nb, settings_, inputs, false), unit, out);
+    ForEachUnit<Forward>(context, g, cost, [&](const Unit& unit, Forward& forward) {
+      g.Scatter(forward.Run(g, unit, nb, settings_, inputs, false), unit, out);
     });
   }
 
@@ -428,16 +435,181 @@ class SolveGradOp : public OpKernel {
     const float* grad_solution = context->input(6).flat<float>().data();
     const Neighbours nb(g.height, g.width, settings_.boundary);
     const int64_t cost = g.cells * kLanes * (80 + 45 * settings_.steps);
-    ForEachUnit(context, g, cost, [&](const Unit& unit) {
-      thread_local Forward state;
-      thread_local Backward backward;
-      state.Run(g, unit, nb, settings_, inputs, true);
-      backward.Run(g, unit, nb, settings_, state, grad_solution, outputs);
+    ForEachUnit<ForwardAndBackward>(context, g, cost,
+                                    [&](const Unit& unit, ForwardAndBackward& work) {
+      work.forward.Run(g, unit, nb, settings_, inputs, true);
+      work.backward.Run(g, unit, nb, settings_, work.forward, grad_solution, outputs);
     });
   }
 
  private:
   Settings settings_;
+};
+
+
+// ---------------------------------------------------------------------------
+// The coefficient maps' depth-wise 3x3 convolution ("same", zero padding):
+// map_k[n, i, j, c] = sum_{a, b} x[n, i + a - 1, j + b - 1, c] kernel[a, b, c, k],
+// every map its own output (the layer's BNs take them one by one, with no
+// reshape or split of a fused tensor in between).
+// ---------------------------------------------------------------------------
+
+// A unit's channels of an NHWC tensor with a zero border: (height + 2) x (width + 2).
+void GatherPadded(const Geometry& g, const float* tensor, const Unit& unit, Plane& padded) {
+  const int64_t padded_width = g.width + 2;
+  padded.assign((g.height + 2) * padded_width, kZero);
+  const float* base = tensor + unit.image * g.cells * g.channels + unit.channel;
+  for (int64_t i = 0; i < g.height; ++i) {
+    for (int64_t j = 0; j < g.width; ++j) {
+      std::memcpy(&padded[(i + 1) * padded_width + j + 1], base + (i * g.width + j) * g.channels,
+                  unit.block * sizeof(float));
+    }
+  }
+}
+
+// kernel[a, b, c, k] for the unit's channels: taps[(k * 3 + a) * 3 + b].
+void GatherTaps(const float* kernel, int64_t channels, int64_t maps, const Unit& unit,
+                std::vector<Lanes>& taps) {
+  taps.assign(9 * maps, kZero);
+  for (int64_t k = 0; k < maps; ++k) {
+    for (int64_t t = 0; t < 9; ++t) {
+      for (int64_t l = 0; l < unit.block; ++l) {
+        taps[k * 9 + t][l] = kernel[(t * channels + unit.channel + l) * maps + k];
+      }
+    }
+  }
+}
+
+class DepthwiseOp : public OpKernel {
+ public:
+  explicit DepthwiseOp(OpKernelConstruction* context) : OpKernel(context) {}
+
+  void Compute(OpKernelContext* context) override {
+    const Tensor& input = context->input(0);
+    const Tensor& kernel = context->input(1);
+    OP_REQUIRES(context, input.dims() == 4, InvalidArgument("input must be rank 4 (NHWC)"));
+    const Geometry g(input.shape());
+    const int64_t maps = context->num_outputs();
+    OP_REQUIRES(context, kernel.shape() == TensorShape({3, 3, g.channels, maps}),
+                InvalidArgument("kernel must be shaped (3, 3, channels, maps), got ",
+                                kernel.shape().DebugString()));
+    std::vector<float*> outputs(maps);
+    for (int64_t k = 0; k < maps; ++k) {
+      Tensor* output = nullptr;
+      OP_REQUIRES_OK(context, context->allocate_output(k, input.shape(), &output));
+      outputs[k] = output->flat<float>().data();
+    }
+    if (g.units() == 0 || g.cells == 0) return;
+    const float* x = input.flat<float>().data();
+    const float* w = kernel.flat<float>().data();
+    const int64_t padded_width = g.width + 2;
+    struct Workspace {
+      Plane padded, map;
+      std::vector<Lanes> taps;
+    };
+    ForEachUnit<Workspace>(context, g, g.cells * kLanes * 20 * maps,
+                           [&](const Unit& unit, Workspace& workspace) {
+      auto& [padded, map, taps] = workspace;
+      GatherPadded(g, x, unit, padded);
+      GatherTaps(w, g.channels, maps, unit, taps);
+      map.resize(g.cells);
+      for (int64_t k = 0; k < maps; ++k) {
+        const Lanes* t = &taps[k * 9];
+        for (int64_t i = 0; i < g.height; ++i) {
+          const Lanes* row0 = &padded[i * padded_width];
+          const Lanes* row1 = row0 + padded_width;
+          const Lanes* row2 = row1 + padded_width;
+          for (int64_t j = 0; j < g.width; ++j) {
+            map[i * g.width + j] = row0[j] * t[0] + row0[j + 1] * t[1] + row0[j + 2] * t[2] +
+                                   row1[j] * t[3] + row1[j + 1] * t[4] + row1[j + 2] * t[5] +
+                                   row2[j] * t[6] + row2[j + 1] * t[7] + row2[j + 2] * t[8];
+          }
+        }
+        g.Scatter(map, unit, outputs[k]);
+      }
+    });
+  }
+};
+
+class DepthwiseGradOp : public OpKernel {
+ public:
+  explicit DepthwiseGradOp(OpKernelConstruction* context) : OpKernel(context) {}
+
+  void Compute(OpKernelContext* context) override {
+    const Tensor& input = context->input(0);
+    const Tensor& kernel = context->input(1);
+    const Geometry g(input.shape());
+    const int64_t maps = kernel.dim_size(3);
+    Tensor* grad_input = nullptr;
+    Tensor* grad_kernel = nullptr;
+    OP_REQUIRES_OK(context, context->allocate_output(0, input.shape(), &grad_input));
+    OP_REQUIRES_OK(context, context->allocate_output(1, kernel.shape(), &grad_kernel));
+    float* dx = grad_input->flat<float>().data();
+    float* dw = grad_kernel->flat<float>().data();
+    std::fill_n(dw, grad_kernel->NumElements(), 0.0f);
+    if (g.units() == 0 || g.cells == 0) return;
+    std::vector<const float*> grads(maps);
+    for (int64_t k = 0; k < maps; ++k) {
+      OP_REQUIRES(context, context->input(2 + k).shape() == input.shape(),
+                  InvalidArgument("every map's gradient must be shaped like the input"));
+      grads[k] = context->input(2 + k).flat<float>().data();
+    }
+    const float* x = input.flat<float>().data();
+    const float* w = kernel.flat<float>().data();
+    const int64_t padded_width = g.width + 2;
+    // The kernel's gradient sums over the batch: one partial sum per unit,
+    // added up in a fixed order afterwards (deterministic, no locks).
+    std::vector<Lanes> partial(g.units() * 9 * maps, kZero);
+    struct Workspace {
+      Plane padded_x, padded_g, grad;
+      std::vector<Lanes> taps;
+    };
+    ForEachUnit<Workspace>(context, g, g.cells * kLanes * 40 * maps,
+                           [&](const Unit& unit, Workspace& workspace) {
+      auto& [padded_x, padded_g, grad, taps] = workspace;
+      GatherPadded(g, x, unit, padded_x);
+      GatherTaps(w, g.channels, maps, unit, taps);
+      grad.assign(g.cells, kZero);
+      Lanes* unit_partial = &partial[(unit.image * g.blocks + unit.channel / kLanes) * 9 * maps];
+      for (int64_t k = 0; k < maps; ++k) {
+        GatherPadded(g, grads[k], unit, padded_g);
+        const Lanes* t = &taps[k * 9];
+        Lanes sums[9] = {};
+        for (int64_t i = 0; i < g.height; ++i) {
+          for (int64_t j = 0; j < g.width; ++j) {
+            // dx[i, j] = sum_{a, b} g[i - a + 1, j - b + 1] kernel[a, b] (padded: + 1).
+            const Lanes* g0 = &padded_g[i * padded_width + j];  // rows i - 1 .. i + 1
+            const Lanes* g1 = g0 + padded_width;
+            const Lanes* g2 = g1 + padded_width;
+            grad[i * g.width + j] += g2[2] * t[0] + g2[1] * t[1] + g2[0] * t[2] +
+                                     g1[2] * t[3] + g1[1] * t[4] + g1[0] * t[5] +
+                                     g0[2] * t[6] + g0[1] * t[7] + g0[0] * t[8];
+            // d kernel[a, b] += x[i + a - 1, j + b - 1] g[i, j].
+            const Lanes gij = g1[1];
+            const Lanes* x0 = &padded_x[i * padded_width + j];
+            const Lanes* x1 = x0 + padded_width;
+            const Lanes* x2 = x1 + padded_width;
+            sums[0] += x0[0] * gij, sums[1] += x0[1] * gij, sums[2] += x0[2] * gij;
+            sums[3] += x1[0] * gij, sums[4] += x1[1] * gij, sums[5] += x1[2] * gij;
+            sums[6] += x2[0] * gij, sums[7] += x2[1] * gij, sums[8] += x2[2] * gij;
+          }
+        }
+        std::copy(sums, sums + 9, unit_partial + k * 9);
+      }
+      g.Scatter(grad, unit, dx);
+    });
+    for (int64_t unit = 0; unit < g.units(); ++unit) {
+      const Unit u = g.unit(unit);
+      for (int64_t k = 0; k < maps; ++k) {
+        for (int64_t t = 0; t < 9; ++t) {
+          const Lanes& sum = partial[(unit * maps + k) * 9 + t];
+          for (int64_t l = 0; l < u.block; ++l) {
+            dw[(t * g.channels + u.channel + l) * maps + k] += sum[l];
+          }
+        }
+      }
+    }
+  }
 };
 
 }  // namespace
@@ -484,6 +656,33 @@ REGISTER_OP("PdeKerasSolveGrad")
       return ::tensorflow::OkStatus();
     });
 
+REGISTER_OP("PdeKerasDepthwiseMaps")
+    .Input("input: float")
+    .Input("kernel: float")
+    .Output("maps: count * float")
+    .Attr("count: int >= 1")
+    .SetShapeFn([](::tensorflow::shape_inference::InferenceContext* c) {
+      for (int i = 0; i < c->num_outputs(); ++i) c->set_output(i, c->input(0));
+      return ::tensorflow::OkStatus();
+    });
+
+REGISTER_OP("PdeKerasDepthwiseMapsGrad")
+    .Input("input: float")
+    .Input("kernel: float")
+    .Input("grad_maps: count * float")
+    .Output("grad_input: float")
+    .Output("grad_kernel: float")
+    .Attr("count: int >= 1")
+    .SetShapeFn([](::tensorflow::shape_inference::InferenceContext* c) {
+      c->set_output(0, c->input(0));
+      c->set_output(1, c->input(1));
+      return ::tensorflow::OkStatus();
+    });
+
+REGISTER_KERNEL_BUILDER(Name("PdeKerasDepthwiseMaps").Device(::tensorflow::DEVICE_CPU),
+                        DepthwiseOp);
+REGISTER_KERNEL_BUILDER(Name("PdeKerasDepthwiseMapsGrad").Device(::tensorflow::DEVICE_CPU),
+                        DepthwiseGradOp);
 REGISTER_KERNEL_BUILDER(Name("PdeKerasSolve").Device(::tensorflow::DEVICE_CPU), SolveOp);
 REGISTER_KERNEL_BUILDER(Name("PdeKerasSolveGrad").Device(::tensorflow::DEVICE_CPU), SolveGradOp);
 

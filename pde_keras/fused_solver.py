@@ -50,6 +50,29 @@ def requested_path():
     return validation.check_choice(ENVIRONMENT_VARIABLE, value, PATHS)
 
 
+@contextlib.contextmanager
+def solver_path(path):
+    """Sets `PDE_KERAS_SOLVER` to `path` inside the block (what gets traced
+    there keeps that path), restoring the previous value after."""
+    path = validation.check_choice(ENVIRONMENT_VARIABLE, path, PATHS)
+    previous = os.environ.get(ENVIRONMENT_VARIABLE)
+    os.environ[ENVIRONMENT_VARIABLE] = path
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(ENVIRONMENT_VARIABLE, None)
+        else:
+            os.environ[ENVIRONMENT_VARIABLE] = previous
+
+
+def available_paths():
+    """The paths this process can run: `compiled` (TensorFlow, kernel built) and `reference`."""
+    if keras.backend.backend() == "tensorflow" and library() is not None:
+        return ("compiled", "reference")
+    return ("reference",)
+
+
 def _log_once(message):
     if message not in _logged:
         _logged.add(message)
@@ -191,6 +214,36 @@ def depthwise_maps(inputs, kernel):
     `kernel` (3, 3, channels, maps): a list of `maps` tensors shaped like
     `inputs`, map k from `kernel[..., k]`."""
     return library().pde_keras_depthwise_maps(inputs, kernel, count=int(kernel.shape[-1]))
+
+
+def batch_normalization_training(layer, inputs):
+    """What `layer(inputs, training=True)` computes, for a Keras
+    `BatchNormalization` over the last axis of a float32 NHWC tensor, in
+    TensorFlow's fused batch-norm kernel (one pass for the statistics, one to
+    normalise; Keras' own is a chain of unfused ops).
+
+    The batch statistics are the same (the normalisation uses the biased
+    batch variance); the moving averages are updated as Keras does, with the
+    biased variance. Other layers (masked, renorm, no scale or centre, other
+    axes) run as `layer(inputs, training=True)`.
+    """
+    import tensorflow as tf
+
+    if (layer.renorm or not (layer.scale and layer.center) or layer.axis not in (-1, 3)
+            or len(inputs.shape) != 4 or not layer.trainable):
+        return layer(inputs, training=True)
+    empty = tf.zeros((0,), "float32")
+    outputs, mean, unbiased_variance, *_ = tf.raw_ops.FusedBatchNormV3(
+        x=inputs, scale=tf.cast(layer.gamma, "float32"), offset=tf.cast(layer.beta, "float32"),
+        mean=empty, variance=empty, epsilon=layer.epsilon, is_training=True,
+        data_format="NHWC")
+    # The kernel reports the Bessel-corrected variance; Keras averages the biased one.
+    count = tf.cast(tf.size(inputs) // tf.shape(inputs)[-1], "float32")
+    variance = unbiased_variance * ((count - 1.0) / count)
+    momentum = layer.momentum
+    layer.moving_mean.assign(layer.moving_mean * momentum + mean * (1.0 - momentum))
+    layer.moving_variance.assign(layer.moving_variance * momentum + variance * (1.0 - momentum))
+    return outputs
 
 
 def solve(source, initial, diffusivity, velocity, steps, dt, dx, dy, boundary):

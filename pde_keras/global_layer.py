@@ -237,6 +237,14 @@ class GlobalLayer(keras.layers.Layer):
             for j, name in enumerate(self.depthwise_maps)
         }
 
+    def _apply(self, layer, inputs, training):
+        """`layer(inputs, training=training)`; a batch normalisation in training
+        mode on the compiled path runs as TensorFlow's fused batch norm."""
+        if (training is True and isinstance(layer, layers.BatchNormalization)
+                and fused_solver.use_compiled(inputs.dtype)):
+            return fused_solver.batch_normalization_training(layer, inputs)
+        return layer(inputs, training=training)
+
     def _coefficients(self, initial, training):
         """Returns (maps, pre_activation): D_x, D_y, u, v from H^0.
 
@@ -249,7 +257,7 @@ class GlobalLayer(keras.layers.Layer):
             if branch:
                 h = branch_inputs.get(map_name, initial)
                 for layer in branch:
-                    h = layer(h, training=training)
+                    h = self._apply(layer, h, training)
                 pre_activation[map_name] = ops.cast(h, "float32")
                 maps[map_name] = ops.relu(pre_activation[map_name])
         initial32 = ops.cast(initial, "float32")
@@ -272,7 +280,7 @@ class GlobalLayer(keras.layers.Layer):
             (maps["Dx"], maps["Dy"]), (maps["u"], maps["v"]), self.steps,
             dt=self.dt, dx=self.dx, dy=self.dy, boundary=self.boundary)
         solution = ops.cast(solution, self.compute_dtype)
-        output = ops.relu(self.output_bn(solution, training=training))
+        output = ops.relu(self._apply(self.output_bn, solution, training))
         return output, initial, solution, maps, pre_activation
 
     def call(self, inputs, training=None):

@@ -91,6 +91,34 @@ def test_matches_reference_solver_forward_and_every_gradient(boundary, steps, sh
 
 
 @tensorflow_only
+@pytest.mark.parametrize("shape, maps", [((2, 7, 9, 3), 4), ((1, 5, 1, 2), 2), ((1, 4, 6, 11), 1)])
+def test_depthwise_maps_match_tensorflows_depthwise_conv(shape, maps):
+    """Forward and both gradients against tf.nn.depthwise_conv2d (output
+    channel c * maps + k is map k of channel c)."""
+    import tensorflow as tf
+
+    rng = np.random.default_rng(10)
+    x = tf.constant(rng.standard_normal(shape).astype("float32"))
+    kernel = tf.constant(rng.standard_normal((3, 3, shape[-1], maps)).astype("float32"))
+    weights = [tf.constant(rng.standard_normal(shape).astype("float32")) for _ in range(maps)]
+
+    def run(compute_maps):
+        with tf.GradientTape() as tape:
+            tape.watch([x, kernel])
+            outputs = compute_maps()
+            loss = sum(tf.reduce_sum(o * w) for o, w in zip(outputs, weights))
+        return [o.numpy() for o in outputs] + [g.numpy() for g in tape.gradient(loss, [x, kernel])]
+
+    def reference():
+        fused = tf.nn.depthwise_conv2d(x, kernel, (1, 1, 1, 1), "SAME")
+        return tf.unstack(tf.reshape(fused, shape + (maps,)), axis=-1)
+
+    for actual, expected in zip(run(lambda: fused_solver.depthwise_maps(x, kernel)),
+                                run(reference)):
+        assert _max_relative_error(actual, expected) <= 1e-5
+
+
+@tensorflow_only
 @pytest.mark.usefixtures("restore_path")
 @pytest.mark.parametrize("boundary", BOUNDARIES)
 def test_matches_numpy_oracle(boundary):

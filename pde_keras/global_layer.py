@@ -85,6 +85,15 @@ class GlobalLayer(keras.layers.Layer):
     and the solver in float32: the K steps accumulate products of
     coefficient maps, which float16 resolves too coarsely.
 
+    On TensorFlow on CPU, float32 layers run a compiled kernel (built from
+    source on first use, see `pde_keras.fused_solver`): the K solver steps
+    with their coefficient maps and the depth-wise coefficient conv, with
+    hand-written gradients, and the batch norms in training mode as
+    TensorFlow's fused batch norm. It computes what the keras.ops code
+    computes (the reference, and the only path on JAX). The environment
+    variable `PDE_KERAS_SOLVER=auto|compiled|reference` chooses the path at
+    run time; weights, config and `.keras` files are the same on both.
+
     Input shape:
         4D tensor `(batch, height, width, channels)`.
 

@@ -22,7 +22,11 @@
 // and chains them to D_x, D_y, u, v (u_x, v_y through the transposed
 // central differences).
 //
-// All inputs are float32 NHWC tensors of one shape (the Python wrapper
+// PdeKerasDepthwiseMaps(x, kernel (3, 3, C, m)) -> m maps: the Global layer's
+// depth-wise 3x3 coefficient conv ("same"), one output per map, and its
+// gradient op PdeKerasDepthwiseMapsGrad.
+//
+// All solver inputs are float32 NHWC tensors of one shape (the Python wrapper
 // broadcasts scalar and per-channel coefficients). x is the height axis,
 // y the width axis. Work is split over (image, block of channels) units on
 // TensorFlow's intra-op thread pool.
@@ -480,6 +484,21 @@ void GatherTaps(const float* kernel, int64_t channels, int64_t maps, const Unit&
   }
 }
 
+// The geometry of a depth-wise op's input (0) and kernel (1), checked.
+Geometry CheckDepthwiseInputs(OpKernelContext* context, int64_t maps) {
+  const Tensor& input = context->input(0);
+  const Tensor& kernel = context->input(1);
+  if (input.dims() != 4) {
+    context->CtxFailure(InvalidArgument("input must be rank 4 (NHWC)"));
+    return Geometry(TensorShape({0, 0, 0, 0}));
+  }
+  if (kernel.shape() != TensorShape({3, 3, input.dim_size(3), maps})) {
+    context->CtxFailure(InvalidArgument("kernel must be shaped (3, 3, channels, maps), got ",
+                                        kernel.shape().DebugString()));
+  }
+  return Geometry(input.shape());
+}
+
 class DepthwiseOp : public OpKernel {
  public:
   explicit DepthwiseOp(OpKernelConstruction* context) : OpKernel(context) {}
@@ -487,12 +506,9 @@ class DepthwiseOp : public OpKernel {
   void Compute(OpKernelContext* context) override {
     const Tensor& input = context->input(0);
     const Tensor& kernel = context->input(1);
-    OP_REQUIRES(context, input.dims() == 4, InvalidArgument("input must be rank 4 (NHWC)"));
-    const Geometry g(input.shape());
     const int64_t maps = context->num_outputs();
-    OP_REQUIRES(context, kernel.shape() == TensorShape({3, 3, g.channels, maps}),
-                InvalidArgument("kernel must be shaped (3, 3, channels, maps), got ",
-                                kernel.shape().DebugString()));
+    const Geometry g = CheckDepthwiseInputs(context, maps);
+    if (!context->status().ok()) return;
     std::vector<float*> outputs(maps);
     for (int64_t k = 0; k < maps; ++k) {
       Tensor* output = nullptr;
@@ -538,8 +554,9 @@ class DepthwiseGradOp : public OpKernel {
   void Compute(OpKernelContext* context) override {
     const Tensor& input = context->input(0);
     const Tensor& kernel = context->input(1);
-    const Geometry g(input.shape());
-    const int64_t maps = kernel.dim_size(3);
+    const int64_t maps = context->num_inputs() - 2;
+    const Geometry g = CheckDepthwiseInputs(context, maps);
+    if (!context->status().ok()) return;
     Tensor* grad_input = nullptr;
     Tensor* grad_kernel = nullptr;
     OP_REQUIRES_OK(context, context->allocate_output(0, input.shape(), &grad_input));

@@ -139,7 +139,8 @@ def _load():
 def _register_gradient(tf, library):
     @tf.RegisterGradient("PdeKerasSolve")
     def _solve_gradient(op, grad_solution):
-        attrs = {name: op.get_attr(name) for name in ("steps", "dt", "dx", "dy", "boundary")}
+        attrs = {name: op.get_attr(name)
+                 for name in ("steps", "dt", "dx", "dy", "boundary", "rectify")}
         return library.pde_keras_solve_grad(*op.inputs, grad_solution, **attrs)
 
     @tf.RegisterGradient("PdeKerasDepthwiseMaps")
@@ -246,8 +247,9 @@ def batch_normalization_training(layer, inputs):
     return outputs
 
 
-def solve(source, initial, diffusivity, velocity, steps, dt, dx, dy, boundary):
-    """H^K from the kernel; every tensor float32 and shaped like `source`."""
+def solve(source, initial, diffusivity, velocity, steps, dt, dx, dy, boundary, rectify=False):
+    """H^K from the kernel; every tensor float32 and shaped like `source`;
+    `rectify`: ReLU the four coefficient maps first."""
     return library().pde_keras_solve(
         source, initial, diffusivity[0], diffusivity[1], velocity[0], velocity[1],
-        steps=steps, dt=dt, dx=dx, dy=dy, boundary=boundary)
+        steps=steps, dt=dt, dx=dx, dy=dy, boundary=boundary, rectify=rectify)

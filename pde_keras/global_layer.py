@@ -284,10 +284,14 @@ class GlobalLayer(keras.layers.Layer):
     def _run(self, inputs, training):
         initial = inputs if self.init_block is None else self.init_block(inputs, training=training)
         maps, pre_activation = self._coefficients(initial, training)
+        # The solver applies the learned maps' ReLU itself (in the compiled
+        # kernel's pass over the maps); the other maps are >= 0 already.
+        given = {**maps, **pre_activation}
         solution = solver.solve_advection_diffusion(
             ops.cast(inputs, "float32"), ops.cast(initial, "float32"),
-            (maps["Dx"], maps["Dy"]), (maps["u"], maps["v"]), self.steps,
-            dt=self.dt, dx=self.dx, dy=self.dy, boundary=self.boundary)
+            (given["Dx"], given["Dy"]), (given["u"], given["v"]), self.steps,
+            dt=self.dt, dx=self.dx, dy=self.dy, boundary=self.boundary,
+            rectify_coefficients=True)
         solution = ops.cast(solution, self.compute_dtype)
         output = ops.relu(self._apply(self.output_bn, solution, training))
         return output, initial, solution, maps, pre_activation

@@ -39,7 +39,7 @@ def _problem(shape, seed=0, coefficients="full"):
     return [f, h0] + [rng.uniform(0.0, 1.0, map_shape).astype("float32") for _ in range(4)]
 
 
-def _solve_with_gradients(path, arrays, steps, boundary, **spacing):
+def _solve_with_gradients(path, arrays, steps, boundary, **options):
     """H^K and d(sum(H^K * w))/d(every tensor input) on `path`."""
     import tensorflow as tf
 
@@ -51,7 +51,7 @@ def _solve_with_gradients(path, arrays, steps, boundary, **spacing):
         tape.watch(watched)
         f, h0, d_x, d_y, u, v = tensors
         out = solver.solve_advection_diffusion(f, h0, (d_x, d_y), (u, v), steps,
-                                               boundary=boundary, **spacing)
+                                               boundary=boundary, **options)
         loss = tf.reduce_sum(out * weights)
     return [out.numpy()] + [g.numpy() for g in tape.gradient(loss, watched)]
 
@@ -88,6 +88,25 @@ def test_matches_reference_solver_forward_and_every_gradient(boundary, steps, sh
         assert actual.shape == expected.shape, name
         error = _max_relative_error(actual, expected)
         assert error <= 1e-5, f"{name}: max relative error {error:.2e}"
+
+
+@tensorflow_only
+@pytest.mark.usefixtures("restore_path")
+@pytest.mark.parametrize("steps", [1, 5])
+@pytest.mark.parametrize("boundary", BOUNDARIES)
+def test_rectified_coefficients_match_the_reference(boundary, steps):
+    """Maps given before their ReLU (half of them negative): the kernel's
+    in-pass ReLU and its gradient mask against ops.relu on the reference path."""
+    arrays = _problem((2, 6, 5, 3), seed=11)
+    arrays[2:] = [2.0 * a - 1.0 for a in arrays[2:]]
+    compiled = _solve_with_gradients("compiled", arrays, steps, boundary,
+                                     rectify_coefficients=True)
+    reference = _solve_with_gradients("reference", arrays, steps, boundary,
+                                      rectify_coefficients=True)
+    for actual, expected in zip(compiled, reference):
+        assert _max_relative_error(actual, expected) <= 1e-5
+    unrectified = _solve_with_gradients("reference", arrays, steps, boundary)
+    assert _max_relative_error(unrectified[0], reference[0]) > 1e-3
 
 
 @tensorflow_only

@@ -81,6 +81,7 @@ int64_t NeighbourIndex(int64_t index, int64_t offset, int64_t size, Boundary bou
 struct Settings {
   int steps;
   Boundary boundary;
+  bool rectify;  // D_x, D_y, u, v are given before their ReLU
   // The scheme's constants, computed in double as the Python reference does
   // with Python floats, then rounded once.
   float half_over_dx, half_over_dy;        // central differences
@@ -96,6 +97,7 @@ struct Settings {
     OP_REQUIRES_OK(context, context->GetAttr("dx", &dx));
     OP_REQUIRES_OK(context, context->GetAttr("dy", &dy));
     OP_REQUIRES_OK(context, context->GetAttr("boundary", &name));
+    OP_REQUIRES_OK(context, context->GetAttr("rectify", &rectify));
     boundary = name == "periodic" ? Boundary::kPeriodic
                : name == "neumann" ? Boundary::kNeumann : Boundary::kDirichlet;
     const double t = dt, x = dx, y = dy;
@@ -247,6 +249,12 @@ struct Forward {
     g.Gather(inputs[3], unit, d_y);
     g.Gather(inputs[4], unit, u);
     g.Gather(inputs[5], unit, v);
+    if (s.rectify) {
+      // ReLU in place: the gradient's mask is then (map > 0), as pre > 0 exactly when ReLU(pre) > 0.
+      for (Plane* plane : {&d_x, &d_y, &u, &v}) {
+        for (Lanes& value : *plane) value = value > 0.0f ? value : kZero;
+      }
+    }
     c.Compute(d_x, d_y, u, v, nb, s);
     driven.resize(g.cells);
     for (int64_t p = 0; p < g.cells; ++p) driven[p] = c.source[p] * f[p];
@@ -319,12 +327,13 @@ struct Backward {
     geometry.Scatter(g_next, unit, outputs[1]);
     for (int64_t p = 0; p < geometry.cells; ++p) d_f[p] += g_current[p];
     geometry.Scatter(d_f, unit, outputs[0]);
-    ChainToInputs(geometry, unit, nb, s, forward.c, outputs);
+    ChainToInputs(geometry, unit, nb, s, forward, outputs);
   }
 
   // From the seven maps' gradients to those of D_x, D_y, u, v.
   void ChainToInputs(const Geometry& geometry, const Unit& unit, const Neighbours& nb,
-                     const Settings& s, const Coefficients& c, float* const outputs[6]) {
+                     const Settings& s, const Forward& forward, float* const outputs[6]) {
+    const Coefficients& c = forward.c;
     for (auto* plane : {&d_u, &d_v}) plane->assign(geometry.cells, kZero);
     d_dx.resize(geometry.cells), d_dy.resize(geometry.cells);
     for (int64_t p = 0; p < geometry.cells; ++p) {
@@ -350,6 +359,15 @@ struct Backward {
       if (xp != kZeroGhost) d_u[xp] -= divergence * s.half_over_dx;
       if (yn != kZeroGhost) d_v[yn] += divergence * s.half_over_dy;
       if (yp != kZeroGhost) d_v[yp] -= divergence * s.half_over_dy;
+    }
+    if (s.rectify) {  // through the ReLUs: zero where the map was clamped
+      const Plane* maps[] = {&forward.d_x, &forward.d_y, &forward.u, &forward.v};
+      Plane* grads[] = {&d_dx, &d_dy, &d_u, &d_v};
+      for (int m = 0; m < 4; ++m) {
+        for (int64_t p = 0; p < geometry.cells; ++p) {
+          (*grads[m])[p] = (*maps[m])[p] > 0.0f ? (*grads[m])[p] : kZero;
+        }
+      }
     }
     geometry.Scatter(d_dx, unit, outputs[2]);
     geometry.Scatter(d_dy, unit, outputs[3]);
@@ -644,6 +662,7 @@ REGISTER_OP("PdeKerasSolve")
     .Attr("dx: float")
     .Attr("dy: float")
     .Attr("boundary: {'periodic', 'neumann', 'dirichlet'}")
+    .Attr("rectify: bool = false")
     .SetShapeFn([](::tensorflow::shape_inference::InferenceContext* c) {
       c->set_output(0, c->input(0));
       return ::tensorflow::OkStatus();
@@ -668,6 +687,7 @@ REGISTER_OP("PdeKerasSolveGrad")
     .Attr("dx: float")
     .Attr("dy: float")
     .Attr("boundary: {'periodic', 'neumann', 'dirichlet'}")
+    .Attr("rectify: bool = false")
     .SetShapeFn([](::tensorflow::shape_inference::InferenceContext* c) {
       for (int i = 0; i < 6; ++i) c->set_output(i, c->input(0));
       return ::tensorflow::OkStatus();

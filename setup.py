@@ -23,7 +23,9 @@ setup(
     packages=find_packages(include=["pde_keras*", "experiments*", "visualize*", "benchmarks*"]),
     include_package_data=True,
     # MNIST (CC BY-SA 3.0, see pde_keras/datasets/mnist/README.md) for offline runs.
-    package_data={"pde_keras": ["datasets/mnist/*.gz", "datasets/mnist/README.md"]},
+    # The fused solver kernel is compiled from this source on first use.
+    package_data={"pde_keras": ["datasets/mnist/*.gz", "datasets/mnist/README.md",
+                                "kernels/*.cc"]},
     install_requires=[
         "tensorflow>=2.16",
         "keras>=3.15",

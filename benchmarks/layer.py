@@ -1,11 +1,16 @@
 """Forward+backward time of the Global layer against a 3x3 Conv2D.
 
-    python -m benchmarks.layer [--jit_compile] [--output=layer.json]
+    python -m benchmarks.layer [--jit_compile] [--paths=compiled --paths=reference]
+                               [--output=layer.json]
 
 Measures, in one process and interleaved, training-mode fwd+bwd (gradients
 with respect to the input and the weights) of `GlobalLayer` with K=1 and
 K=5 and of `Conv2D(16, 3)` on the same (128, 32, 32, 16) tensor, and prints
-the medians and the ratios to the convolution.
+the medians and the ratios to the convolution. Every Global case runs once
+per solver path (`PDE_KERAS_SOLVER`: the compiled kernel and the keras.ops
+reference on TensorFlow, the reference on JAX); `solver_K5` is the solver
+alone, its coefficient maps given (gradients with respect to f = H^0 and
+the four maps D_x, D_y, u, v).
 """
 
 import os
@@ -16,7 +21,7 @@ from absl import app, flags
 import keras
 
 import pde_keras
-from pde_keras import training
+from pde_keras import fused_solver, solver, training
 from benchmarks import timing
 
 FLAGS = flags.FLAGS
@@ -31,20 +36,45 @@ def define_flags():
                          lower_bound=1)
     flags.DEFINE_integer("warmup", 3, "Untimed calls of each case first.", lower_bound=0)
     flags.DEFINE_boolean("jit_compile", False, "Compile each step with XLA.")
+    flags.DEFINE_multi_enum("paths", None, ["compiled", "reference"],
+                            "Solver paths to measure (default: every path this backend has).")
     flags.DEFINE_string("output", None, "Also write the results as JSON to this path.")
 
 
-def run(batch_size, size, channels, steps, rounds, warmup, jit_compile):
-    """Returns {case: median seconds} and {case: ratio to the Conv2D}."""
+class SolverAlone(keras.layers.Layer):
+    """The solver with given maps: D_x, D_y, u, v are weights, f = H^0 the input."""
+
+    def __init__(self, steps, **kwargs):
+        super().__init__(**kwargs)
+        self.steps = steps
+
+    def build(self, input_shape):
+        self.maps = [self.add_weight(shape=input_shape, name=name,
+                                     initializer=keras.initializers.RandomUniform(0.0, 1.0))
+                     for name in ("Dx", "Dy", "u", "v")]
+
+    def call(self, inputs):
+        d_x, d_y, u, v = self.maps
+        return solver.solve_advection_diffusion(inputs, inputs, (d_x, d_y), (u, v), self.steps)
+
+
+def run(batch_size, size, channels, steps, rounds, warmup, jit_compile, paths=None):
+    """Returns {case: median seconds} and {case: ratio to the Conv2D}.
+
+    Cases are `conv2d_3x3` and `<case>/<path>` for each solver path.
+    """
     shape = (batch_size, size, size, channels)
     inputs = timing.random_inputs(shape)
-    layers = {"conv2d_3x3": keras.layers.Conv2D(channels, 3, padding="same", use_bias=False)}
-    for k in steps:
-        layers[f"global_K{k}"] = pde_keras.GlobalLayer(steps=k)
-    cases = {}
-    for name, layer in layers.items():
-        layer.build(shape)
-        cases[name] = timing.gradient_step(layer, inputs, jit_compile)
+    conv = keras.layers.Conv2D(channels, 3, padding="same", use_bias=False)
+    conv.build(shape)
+    cases = {"conv2d_3x3": timing.gradient_step(conv, inputs, jit_compile)}
+    for path in paths or fused_solver.available_paths():
+        layers = {f"global_K{k}": pde_keras.GlobalLayer(steps=k) for k in steps}
+        layers["solver_K5"] = SolverAlone(5)
+        for name, layer in layers.items():
+            layer.build(shape)
+            cases[f"{name}/{path}"] = timing.on_solver_path(
+                path, timing.gradient_step(layer, inputs, jit_compile))
     medians = timing.measure(cases, rounds, warmup)
     ratios = {name: t / medians["conv2d_3x3"] for name, t in medians.items()}
     return medians, ratios
@@ -53,13 +83,14 @@ def run(batch_size, size, channels, steps, rounds, warmup, jit_compile):
 def main(argv):
     del argv
     medians, ratios = run(FLAGS.batch_size, FLAGS.size, FLAGS.channels, FLAGS.steps,
-                          FLAGS.rounds, FLAGS.warmup, FLAGS.jit_compile)
+                          FLAGS.rounds, FLAGS.warmup, FLAGS.jit_compile, FLAGS.paths)
     print(f"backend={keras.backend.backend()} jit_compile={FLAGS.jit_compile} "
           f"input=({FLAGS.batch_size}, {FLAGS.size}, {FLAGS.size}, {FLAGS.channels}) "
           f"cpus={os.cpu_count()}")
-    print(f"{'case':<12} {'median ms':>10} {'x conv':>8}")
+    print(f"{'case':<12} {'path':<10} {'median ms':>10} {'x conv':>8}")
     for name in medians:
-        print(f"{name:<12} {medians[name] * 1e3:>10.1f} {ratios[name]:>8.2f}")
+        case, _, path = name.partition("/")
+        print(f"{case:<12} {path or '-':<10} {medians[name] * 1e3:>10.1f} {ratios[name]:>8.2f}")
     if FLAGS.output:
         record = {
             "backend": keras.backend.backend(), "jit_compile": FLAGS.jit_compile,

@@ -11,6 +11,8 @@ import time
 import keras
 import numpy as np
 
+from pde_keras import fused_solver
+
 
 def gradient_step(layer, inputs, jit_compile):
     """Returns a no-argument callable: one training-mode fwd+bwd of `layer`.
@@ -78,3 +80,12 @@ def measure(cases, rounds, warmup, repeats=1):
 def random_inputs(shape, seed=0):
     return np.random.default_rng(seed).normal(size=shape).astype("float32")
 
+
+
+def on_solver_path(path, fn):
+    """`fn` run with `PDE_KERAS_SOLVER=path` (so its traces take that path)."""
+    def call():
+        with fused_solver.solver_path(path):
+            return fn()
+
+    return call

@@ -9,6 +9,9 @@ inference latency of `model.predict_on_batch` at batch 1 and 128, for
 resnet32, resnet32_4stage and resnet32_global with K=1 and K=5. Prints a
 table with ratios to resnet32.
 
+The resnet32_global rows run once per solver path (`PDE_KERAS_SOLVER`: the
+compiled kernel and the keras.ops reference on TensorFlow; `--paths`).
+
 `resnet32_global_skeleton` is resnet32_global with its three GlobalLayers
 left out (stem, four one-block stages, head): the ceiling that any speed-up
 of the GlobalLayer can approach, measured in the same run.
@@ -23,7 +26,7 @@ import keras
 import numpy as np
 
 import pde_keras
-from pde_keras import training
+from pde_keras import fused_solver, training
 from pde_keras.models import resnet
 from benchmarks import timing
 
@@ -38,6 +41,8 @@ MODELS = {
     "resnet32_global_skeleton": lambda: resnet.resnet(
         resnet.FOUR_STAGES, 1, name="resnet32_global_skeleton"),
 }
+# The models with GlobalLayers: measured once per solver path.
+WITH_SOLVER = ("resnet32_global_K1", "resnet32_global_K5")
 
 
 def define_flags():
@@ -50,6 +55,8 @@ def define_flags():
                          lower_bound=1)
     flags.DEFINE_multi_enum("models", list(MODELS), list(MODELS), "Models to measure.")
     flags.DEFINE_boolean("jit_compile", False, "Compile training and inference with XLA.")
+    flags.DEFINE_multi_enum("paths", None, ["compiled", "reference"],
+                            "Solver paths to measure (default: every path this backend has).")
     flags.DEFINE_string("output", None, "Also write the results as JSON to this path.")
 
 
@@ -61,18 +68,31 @@ def _build(name, jit_compile):
     return model
 
 
-def run(names, batch_size, rounds, steps_per_round, warmup, jit_compile):
-    """Returns {model: {"train_images_per_s", "latency_ms_batch1", ...}}."""
+def run(names, batch_size, rounds, steps_per_round, warmup, jit_compile, paths=None):
+    """Returns {model: {"train_images_per_s", "latency_ms_batch1", ...}}.
+
+    Models with GlobalLayers are keyed `<model>/<path>`, one per solver path.
+    """
     rng = np.random.default_rng(0)
     images = rng.normal(size=(batch_size, 32, 32, 3)).astype("float32")
     labels = rng.integers(0, 10, size=batch_size)
-    models = {name: _build(name, jit_compile) for name in names}
-    train = {name: (lambda m=m: m.train_on_batch(images, labels)) for name, m in models.items()}
+    models, model_paths = {}, {}
+    for name in names:
+        for path in (paths or fused_solver.available_paths()) if name in WITH_SOLVER else [None]:
+            key = name if path is None else f"{name}/{path}"
+            models[key], model_paths[key] = _build(name, jit_compile), path
+
+    def on_path(key, fn):
+        path = model_paths[key]
+        return fn if path is None else timing.on_solver_path(path, fn)
+
+    train = {key: on_path(key, lambda m=m: m.train_on_batch(images, labels))
+             for key, m in models.items()}
     seconds = timing.measure(train, rounds, warmup, repeats=steps_per_round)
     results = {name: {"train_images_per_s": batch_size / t} for name, t in seconds.items()}
     for batch in (1, 128):
         x = images[:1] if batch == 1 else np.resize(images, (128, 32, 32, 3))
-        infer = {name: (lambda m=m: m.predict_on_batch(x)) for name, m in models.items()}
+        infer = {key: on_path(key, lambda m=m: m.predict_on_batch(x)) for key, m in models.items()}
         for name, t in timing.measure(infer, rounds, 2, repeats=3).items():
             results[name][f"latency_ms_batch{batch}"] = t * 1e3
     base = results.get("resnet32")
@@ -89,14 +109,16 @@ def run(names, batch_size, rounds, steps_per_round, warmup, jit_compile):
 def main(argv):
     del argv
     results = run(FLAGS.models, FLAGS.batch_size, FLAGS.rounds, FLAGS.steps_per_round,
-                  FLAGS.warmup, FLAGS.jit_compile)
+                  FLAGS.warmup, FLAGS.jit_compile, FLAGS.paths)
     print(f"backend={keras.backend.backend()} jit_compile={FLAGS.jit_compile} "
           f"batch_size={FLAGS.batch_size} cpus={os.cpu_count()}")
-    header = (f"{'model':<24} {'params':>8} {'train img/s':>12} {'x resnet32':>10} "
+    header = (f"{'model':<24} {'path':<10} {'params':>8} {'train img/s':>12} {'x resnet32':>10} "
               f"{'lat b1 ms':>10} {'x resnet32':>10} {'lat b128 ms':>12} {'x resnet32':>10}")
     print(header)
     for name, r in results.items():
-        print(f"{name:<24} {r['trainable_params']:>8} {r['train_images_per_s']:>12.1f} "
+        model, _, path = name.partition("/")
+        print(f"{model:<24} {path or '-':<10} {r['trainable_params']:>8} "
+              f"{r['train_images_per_s']:>12.1f} "
               f"{r.get('train_speedup_vs_resnet32', float('nan')):>10.2f} "
               f"{r['latency_ms_batch1']:>10.2f} "
               f"{r.get('latency_ratio_batch1_vs_resnet32', float('nan')):>10.2f} "

@@ -3,7 +3,7 @@
 import keras
 from keras import layers, ops
 
-from pde_keras import solver, validation
+from pde_keras import fused_solver, solver, validation
 from pde_keras.residual_block import BasicResidualBlock
 
 DIFFUSIVITIES = ("depthwise", "constant", "perona_malik", "residual", "zero")
@@ -84,6 +84,15 @@ class GlobalLayer(keras.layers.Layer):
     Under a mixed-precision policy the sub-layers run in the compute dtype
     and the solver in float32: the K steps accumulate products of
     coefficient maps, which float16 resolves too coarsely.
+
+    On TensorFlow on CPU, float32 layers run a compiled kernel (built from
+    source on first use, see `pde_keras.fused_solver`): the K solver steps
+    with their coefficient maps and the depth-wise coefficient conv, with
+    hand-written gradients, and the batch norms in training mode as
+    TensorFlow's fused batch norm. It computes what the keras.ops code
+    computes (the reference, and the only path on JAX). The environment
+    variable `PDE_KERAS_SOLVER=auto|compiled|reference` chooses the path at
+    run time; weights, config and `.keras` files are the same on both.
 
     Input shape:
         4D tensor `(batch, height, width, channels)`.
@@ -210,6 +219,12 @@ class GlobalLayer(keras.layers.Layer):
         """The shared depth-wise conv's output, split into one tensor per map."""
         if keras.backend.backend() == "jax":
             return self._depthwise_as_shifted_products(initial)
+        if fused_solver.use_compiled(initial.dtype):
+            # The compiled kernel writes each map separately (no split of a
+            # fused tensor); TensorFlow's grouped-conv gradient with a depth
+            # multiplier measured several times slower.
+            return dict(zip(self.depthwise_maps, fused_solver.depthwise_maps(
+                initial, ops.cast(self.coefficient_conv.kernel, initial.dtype))))
         fused = self.coefficient_conv(initial)
         # The conv's output channels run channel-major: c * n + map index.
         split_shape = tuple(ops.shape(fused)[:-1]) + (-1, len(self.depthwise_maps))
@@ -232,6 +247,14 @@ class GlobalLayer(keras.layers.Layer):
             for j, name in enumerate(self.depthwise_maps)
         }
 
+    def _apply(self, layer, inputs, training):
+        """`layer(inputs, training=training)`; a batch normalisation in training
+        mode on the compiled path runs as TensorFlow's fused batch norm."""
+        if (training is True and isinstance(layer, layers.BatchNormalization)
+                and fused_solver.use_compiled(inputs.dtype)):
+            return fused_solver.batch_normalization_training(layer, inputs)
+        return layer(inputs, training=training)
+
     def _coefficients(self, initial, training):
         """Returns (maps, pre_activation): D_x, D_y, u, v from H^0.
 
@@ -244,7 +267,7 @@ class GlobalLayer(keras.layers.Layer):
             if branch:
                 h = branch_inputs.get(map_name, initial)
                 for layer in branch:
-                    h = layer(h, training=training)
+                    h = self._apply(layer, h, training)
                 pre_activation[map_name] = ops.cast(h, "float32")
                 maps[map_name] = ops.relu(pre_activation[map_name])
         initial32 = ops.cast(initial, "float32")
@@ -262,12 +285,16 @@ class GlobalLayer(keras.layers.Layer):
     def _run(self, inputs, training):
         initial = inputs if self.init_block is None else self.init_block(inputs, training=training)
         maps, pre_activation = self._coefficients(initial, training)
+        # The solver applies the learned maps' ReLU itself (in the compiled
+        # kernel's pass over the maps); the other maps are >= 0 already.
+        given = {**maps, **pre_activation}
         solution = solver.solve_advection_diffusion(
             ops.cast(inputs, "float32"), ops.cast(initial, "float32"),
-            (maps["Dx"], maps["Dy"]), (maps["u"], maps["v"]), self.steps,
-            dt=self.dt, dx=self.dx, dy=self.dy, boundary=self.boundary)
+            (given["Dx"], given["Dy"]), (given["u"], given["v"]), self.steps,
+            dt=self.dt, dx=self.dx, dy=self.dy, boundary=self.boundary,
+            rectify_coefficients=True)
         solution = ops.cast(solution, self.compute_dtype)
-        output = ops.relu(self.output_bn(solution, training=training))
+        output = ops.relu(self._apply(self.output_bn, solution, training))
         return output, initial, solution, maps, pre_activation
 
     def call(self, inputs, training=None):

@@ -12,7 +12,7 @@ import functools
 import keras
 from keras import ops
 
-from pde_keras import validation
+from pde_keras import fused_solver, validation
 
 BOUNDARIES = ("periodic", "neumann", "dirichlet")
 
@@ -183,7 +183,8 @@ def stencil_coefficients(diffusivity, velocity, like, dt=0.2, dx=1.0, dy=1.0,
 
 
 def solve_advection_diffusion(source, initial, diffusivity, velocity, steps,
-                              dt=0.2, dx=1.0, dy=1.0, boundary="periodic"):
+                              dt=0.2, dx=1.0, dy=1.0, boundary="periodic",
+                              rectify_coefficients=False):
     """Runs `steps` steps of the discretised advection-diffusion equation.
 
     Solves eq. 2 of Kag & Saligrama (2022) on NHWC feature maps, every
@@ -211,6 +212,9 @@ def solve_advection_diffusion(source, initial, diffusivity, velocity, steps,
         boundary: ghost-cell rule for H, u and v: `"periodic"` (wrap
             around, the reference implementation), `"neumann"` (repeat the
             edge value) or `"dirichlet"` (zero).
+        rectify_coefficients: use ReLU(D_x), ReLU(D_y), ReLU(u), ReLU(v):
+            the Global layer passes its maps before their ReLU, which the
+            compiled kernel then applies in the same pass.
 
     Returns:
         H^K, shaped like `source`, in `source`'s dtype.
@@ -218,6 +222,12 @@ def solve_advection_diffusion(source, initial, diffusivity, velocity, steps,
     Note:
         The authors' PyTorch code equals this equation with the velocity
         negated, (u, v) -> (-u, -v).
+
+    On TensorFlow on CPU a float32 problem runs in a compiled, fused kernel
+    (`pde_keras.fused_solver`) that computes the same as the keras.ops code
+    here, which remains the reference and the path on JAX, for other dtypes
+    and under XLA. `PDE_KERAS_SOLVER=auto|compiled|reference` (environment
+    variable, read at each call) chooses the path.
     """
     steps = validation.check_positive_int("steps", steps)
     dt = validation.check_float("dt", dt, positive=True)
@@ -239,9 +249,19 @@ def solve_advection_diffusion(source, initial, diffusivity, velocity, steps,
             "initial", f"a tensor shaped like `source` {tuple(source.shape)}",
             f"<tensor of shape {tuple(initial.shape)}>")
 
+    if fused_solver.use_compiled(source.dtype):
+        d_x, d_y, u, v = (_full(value, source) for value in (*diffusivity, *velocity))
+        return fused_solver.solve(source, initial, (d_x, d_y), (u, v), steps,
+                                  dt=dt, dx=dx, dy=dy, boundary=boundary,
+                                  rectify=bool(rectify_coefficients))
+    if rectify_coefficients:
+        diffusivity, velocity = (tuple(_relu(value) for value in pair)
+                                 for pair in (diffusivity, velocity))
     c = stencil_coefficients(diffusivity, velocity, source, dt, dx, dy, boundary)
     constants = (c["source"] * source,) + tuple(c[name] for name in _STEP_COEFFICIENTS)
     step = _step_function(boundary)
+    if steps == 1:  # the authors' CIFAR setting: no loop to pay for
+        return step(None, (source, initial, constants))[1]
     # A loop rather than unrolled steps: under XLA, unrolled steps fuse into
     # one kernel that recomputes neighbours of neighbours (5^K work); a loop
     # keeps each H^k materialised. JAX differentiates fori_loop (a scan);
@@ -250,6 +270,12 @@ def solve_advection_diffusion(source, initial, diffusivity, velocity, steps,
         return ops.while_loop(lambda *state: True, lambda *state: step(None, state),
                               (source, initial, constants), maximum_iterations=steps)[1]
     return ops.fori_loop(0, steps, step, (source, initial, constants))[1]
+
+
+def _relu(value):
+    if isinstance(value, (int, float)):
+        return max(float(value), 0.0)
+    return ops.relu(value)
 
 
 _STEP_COEFFICIENTS = ("previous", "centre", "x_next", "x_previous", "y_next", "y_previous")

@@ -15,6 +15,20 @@ def _seed_and_policy():
     keras.config.set_dtype_policy("float32")
 
 
+# The solver paths a TensorFlow run tests: the compiled kernel and the
+# keras.ops reference (JAX has only the reference).
+SOLVER_PATHS = (("compiled", "reference") if keras.backend.backend() == "tensorflow"
+                else ("reference",))
+
+
+@pytest.fixture(params=SOLVER_PATHS)
+def both_solver_paths(request, monkeypatch):
+    """Runs a test once per solver path (`PDE_KERAS_SOLVER`); forcing `compiled`
+    makes a kernel that cannot be built an error, not a silent fallback."""
+    monkeypatch.setenv("PDE_KERAS_SOLVER", request.param)
+    return request.param
+
+
 @pytest.fixture(scope="module")
 def build():
     """`build(name, **options)`: `pde_keras.models.create`, once per module and call."""

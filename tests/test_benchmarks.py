@@ -5,6 +5,7 @@ import math
 import pytest
 
 import pde_keras
+from pde_keras import fused_solver
 from benchmarks import layer, train
 
 pytestmark = pytest.mark.multibackend
@@ -13,7 +14,9 @@ pytestmark = pytest.mark.multibackend
 def test_layer_benchmark_reports_ratios_to_the_conv():
     medians, ratios = layer.run(batch_size=2, size=8, channels=4, steps=[1, 2], rounds=1,
                                 warmup=1, jit_compile=False)
-    assert set(medians) == {"conv2d_3x3", "global_K1", "global_K2"}
+    paths = fused_solver.available_paths()
+    assert set(medians) == {"conv2d_3x3"} | {
+        f"{case}/{path}" for case in ("global_K1", "global_K2", "solver_K5") for path in paths}
     assert ratios["conv2d_3x3"] == 1.0
     assert all(t > 0 and math.isfinite(t) for t in medians.values())
 
@@ -23,7 +26,8 @@ def test_train_benchmark_reports_throughput_and_latency():
     results = train.run(["resnet32", "resnet32_global_K1"], batch_size=2, rounds=1,
                         steps_per_round=1, warmup=1, jit_compile=False)
     assert results["resnet32"]["train_speedup_vs_resnet32"] == 1.0
-    assert results["resnet32_global_K1"]["trainable_params"] == 161_402
+    for path in fused_solver.available_paths():
+        assert results[f"resnet32_global_K1/{path}"]["trainable_params"] == 161_402
     for r in results.values():
         assert r["train_images_per_s"] > 0 and r["latency_ms_batch1"] > 0
 

@@ -13,7 +13,7 @@ import numpy_reference as ref
 import pde_keras
 from pde_keras.global_layer import DIFFUSIVITIES, INITS, VELOCITIES
 
-pytestmark = pytest.mark.multibackend
+pytestmark = [pytest.mark.multibackend, pytest.mark.usefixtures("both_solver_paths")]
 
 EPS = 1e-5  # the layer's default batchnorm_epsilon
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 BACKEND = keras.backend.backend()
-pytestmark = pytest.mark.multibackend
+pytestmark = [pytest.mark.multibackend, pytest.mark.usefixtures("both_solver_paths")]
 
 import numpy_reference as ref  # noqa: E402
 import pde_keras  # noqa: E402

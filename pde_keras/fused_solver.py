@@ -1,0 +1,255 @@
+"""The compiled, fused solver kernel (TensorFlow on CPU) and the path switch.
+
+`pde_keras/kernels/fused_solver.cc` runs the K solver steps of
+`pde_keras.solver` as one TensorFlow op, coefficient maps included, with a
+hand-written backward op (the adjoint recurrence); a second op computes the
+Global layer's depth-wise coefficient convolution, one output per map. It is built from source
+on first use with the installed TensorFlow's compile and link flags, cached
+per TensorFlow version and source hash, and loaded with
+`tf.load_op_library`. The keras.ops solver stays the reference: it runs on
+JAX, for dtypes other than float32, under XLA, and whenever the kernel
+cannot be built (one log line says why).
+
+The path is a runtime choice, never part of a layer's config:
+`PDE_KERAS_SOLVER=auto` (default: the kernel where it applies),
+`compiled` (the kernel; an error where it cannot run) or `reference`
+(the keras.ops solver). `PDE_KERAS_CACHE` sets the cache directory
+(default `$XDG_CACHE_HOME/pde_keras/ops` or `~/.cache/pde_keras/ops`) and
+`CXX` the compiler (default `g++`).
+"""
+
+import contextlib
+import fcntl
+import hashlib
+import logging
+import os
+import pathlib
+import subprocess
+import sys
+import tempfile
+import threading
+
+import keras
+
+from pde_keras import validation
+
+SOURCE = pathlib.Path(__file__).parent / "kernels" / "fused_solver.cc"
+ENVIRONMENT_VARIABLE = "PDE_KERAS_SOLVER"
+PATHS = ("auto", "compiled", "reference")
+
+_LOG = logging.getLogger("pde_keras")
+_lock = threading.Lock()
+_library = None
+_failure = None  # why the kernel cannot be used, once known
+_logged = set()
+
+
+def requested_path():
+    """The path asked for by `PDE_KERAS_SOLVER`: `auto`, `compiled` or `reference`."""
+    value = os.environ.get(ENVIRONMENT_VARIABLE, "auto").strip().lower() or "auto"
+    return validation.check_choice(ENVIRONMENT_VARIABLE, value, PATHS)
+
+
+@contextlib.contextmanager
+def solver_path(path):
+    """Sets `PDE_KERAS_SOLVER` to `path` inside the block (what gets traced
+    there keeps that path), restoring the previous value after."""
+    path = validation.check_choice(ENVIRONMENT_VARIABLE, path, PATHS)
+    previous = os.environ.get(ENVIRONMENT_VARIABLE)
+    os.environ[ENVIRONMENT_VARIABLE] = path
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(ENVIRONMENT_VARIABLE, None)
+        else:
+            os.environ[ENVIRONMENT_VARIABLE] = previous
+
+
+def available_paths():
+    """The paths this process can run: `compiled` (TensorFlow, kernel built) and `reference`."""
+    if keras.backend.backend() == "tensorflow" and library() is not None:
+        return ("compiled", "reference")
+    return ("reference",)
+
+
+def _log_once(message):
+    if message not in _logged:
+        _logged.add(message)
+        _LOG.warning(message)
+
+
+def _instruction_set_flags():
+    """`-mavx2 -mfma` where this CPU has them (the kernel's vectors double in width)."""
+    try:
+        cpu_flags = set(pathlib.Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return []
+    return ["-mavx2", "-mfma"] if {"avx2", "fma"} <= cpu_flags else []
+
+
+def _cache_directory(tensorflow_version, source_digest):
+    root = os.environ.get("PDE_KERAS_CACHE")
+    if not root:
+        root = pathlib.Path(os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache")
+        root = root / "pde_keras" / "ops"
+    return pathlib.Path(root) / f"{tensorflow_version}-{source_digest}"
+
+
+def _build(tf, library_path):
+    """Compiles the kernel to `library_path` (atomically: temp file, then rename)."""
+    compiler = os.environ.get("CXX", "g++")
+    handle, temporary = tempfile.mkstemp(suffix=".so.tmp", dir=library_path.parent)
+    os.close(handle)
+    command = ([compiler, "-O3", "-fPIC", "-shared", "-w", *_instruction_set_flags(), str(SOURCE),
+                "-o", temporary] + tf.sysconfig.get_compile_flags() + tf.sysconfig.get_link_flags())
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            raise RuntimeError(f"`{compiler}` failed ({result.returncode}): "
+                               f"{result.stderr.strip()[-2000:]}")
+        os.replace(temporary, library_path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(temporary)
+
+
+def _load():
+    """Builds (once per TensorFlow version and source) and loads the kernel."""
+    import tensorflow as tf
+
+    # The build flags are part of the key: a cache shared by machines with
+    # different CPUs never hands one a library built for the other.
+    key = SOURCE.read_bytes() + " ".join(_instruction_set_flags()).encode()
+    source_digest = hashlib.sha256(key).hexdigest()[:16]
+    directory = _cache_directory(tf.__version__, source_digest)
+    directory.mkdir(parents=True, exist_ok=True)
+    library_path = directory / "fused_solver.so"
+    # The lock makes concurrent processes wait for one build instead of
+    # compiling side by side; the rename makes a half-written file invisible.
+    with open(directory / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not library_path.exists():
+            _build(tf, library_path)
+    library = tf.load_op_library(str(library_path))
+    _register_gradient(tf, library)
+    return library
+
+
+def _register_gradient(tf, library):
+    @tf.RegisterGradient("PdeKerasSolve")
+    def _solve_gradient(op, grad_solution):
+        attrs = {name: op.get_attr(name)
+                 for name in ("steps", "dt", "dx", "dy", "boundary", "rectify")}
+        return library.pde_keras_solve_grad(*op.inputs, grad_solution, **attrs)
+
+    @tf.RegisterGradient("PdeKerasDepthwiseMaps")
+    def _depthwise_gradient(op, *grad_maps):
+        grad_maps = [tf.zeros_like(op.inputs[0]) if g is None else g for g in grad_maps]
+        return library.pde_keras_depthwise_maps_grad(op.inputs[0], op.inputs[1], grad_maps)
+
+
+def library():
+    """The loaded op library, or None (the reason logged once) if it cannot be built."""
+    global _library, _failure
+    with _lock:
+        if _library is None and _failure is None:
+            if sys.platform != "linux":
+                _failure = f"the kernel is built for Linux only, not {sys.platform}"
+            else:
+                try:
+                    _library = _load()
+                except Exception as error:  # noqa: BLE001 - any failure means: fall back
+                    _failure = f"{type(error).__name__}: {error}"
+        if _failure is not None:
+            _log_once("pde_keras: the compiled solver kernel is unavailable, so the keras.ops "
+                      f"solver runs ({_failure}).")
+        return _library
+
+
+def _in_xla_context(tf):
+    """Whether ops are being traced for XLA (the kernel has no XLA lowering)."""
+    try:
+        from tensorflow.python.ops import control_flow_util
+    except ImportError:  # pragma: no cover - private module moved
+        return False
+    if tf.executing_eagerly():
+        return False
+    return control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
+
+
+def use_compiled(dtype):
+    """Whether the compiled kernels run for a `dtype` problem (solver, depth-wise maps).
+
+    Raises:
+        RuntimeError: `PDE_KERAS_SOLVER=compiled` where the kernel cannot run.
+    """
+    path = requested_path()
+    if path == "reference":
+        return False
+    forced = path == "compiled"
+    if keras.backend.backend() != "tensorflow":
+        reason = f"the compiled kernel is TensorFlow-only, the backend is {keras.backend.backend()}"
+        if forced:
+            raise RuntimeError(f"{ENVIRONMENT_VARIABLE}=compiled: {reason}.")
+        _log_once(f"pde_keras: the keras.ops solver runs ({reason}).")
+        return False
+    if keras.backend.standardize_dtype(dtype) != "float32":
+        return False  # the kernel is float32; the solver runs in float32 under mixed precision
+    import tensorflow as tf
+
+    if _in_xla_context(tf):
+        return False
+    if not forced and tf.config.list_logical_devices("GPU"):
+        return False  # CPU kernel: leave GPU graphs to TensorFlow's own kernels
+    if library() is None:
+        if forced:
+            raise RuntimeError(f"{ENVIRONMENT_VARIABLE}=compiled, but the kernel could not be "
+                               f"built: {_failure}")
+        return False
+    return True
+
+
+def depthwise_maps(inputs, kernel):
+    """The zero-padded 3x3 depth-wise conv of `inputs` (NHWC, float32) by
+    `kernel` (3, 3, channels, maps): a list of `maps` tensors shaped like
+    `inputs`, map k from `kernel[..., k]`."""
+    return library().pde_keras_depthwise_maps(inputs, kernel, count=int(kernel.shape[-1]))
+
+
+def batch_normalization_training(layer, inputs):
+    """What `layer(inputs, training=True)` computes, for a Keras
+    `BatchNormalization` over the last axis of a float32 NHWC tensor, in
+    TensorFlow's fused batch-norm kernel (one pass for the statistics, one to
+    normalise; Keras' own is a chain of unfused ops).
+
+    The batch statistics are the same (the normalisation uses the biased
+    batch variance); the moving averages are updated as Keras does, with the
+    biased variance. Other layers (masked, renorm, no scale or centre, other
+    axes) run as `layer(inputs, training=True)`.
+    """
+    import tensorflow as tf
+
+    if (layer.renorm or not (layer.scale and layer.center) or layer.axis not in (-1, 3)
+            or len(inputs.shape) != 4 or not layer.trainable):
+        return layer(inputs, training=True)
+    empty = tf.zeros((0,), "float32")
+    outputs, mean, unbiased_variance, *_ = tf.raw_ops.FusedBatchNormV3(
+        x=inputs, scale=tf.cast(layer.gamma, "float32"), offset=tf.cast(layer.beta, "float32"),
+        mean=empty, variance=empty, epsilon=layer.epsilon, is_training=True,
+        data_format="NHWC")
+    # The kernel reports the Bessel-corrected variance; Keras averages the biased one.
+    count = tf.cast(tf.size(inputs) // tf.shape(inputs)[-1], "float32")
+    variance = unbiased_variance * ((count - 1.0) / count)
+    momentum = layer.momentum
+    layer.moving_mean.assign(layer.moving_mean * momentum + mean * (1.0 - momentum))
+    layer.moving_variance.assign(layer.moving_variance * momentum + variance * (1.0 - momentum))
+    return outputs
+
+
+def solve(source, initial, diffusivity, velocity, steps, dt, dx, dy, boundary, rectify=False):
+    """H^K from the kernel; every tensor float32 and shaped like `source`;
+    `rectify`: ReLU the four coefficient maps first."""
+    return library().pde_keras_solve(
+        source, initial, diffusivity[0], diffusivity[1], velocity[0], velocity[1],
+        steps=steps, dt=dt, dx=dx, dy=dy, boundary=boundary, rectify=rectify)

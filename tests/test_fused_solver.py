@@ -1,0 +1,315 @@
+"""Tests of the compiled solver kernel against the keras.ops reference solver.
+
+The keras.ops solver (`PDE_KERAS_SOLVER=reference`) is the reference; the
+kernel must match it, forward and every gradient, to a relative error of
+1e-5, and match the independent NumPy oracle and finite differences of it.
+"""
+
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+import zipfile
+
+import keras
+import numpy as np
+import pytest
+
+import numpy_reference as ref
+import pde_keras
+from pde_keras import fused_solver, solver
+
+BACKEND = keras.backend.backend()
+BOUNDARIES = ("periodic", "neumann", "dirichlet")
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+tensorflow_only = pytest.mark.skipif(BACKEND != "tensorflow",
+                                     reason="the compiled kernel is TensorFlow-only")
+
+
+def _problem(shape, seed=0, coefficients="full"):
+    """(f, H^0, D_x, D_y, u, v) as float32 arrays; coefficients full maps,
+    per-channel (1, 1, 1, C) tensors or python scalars."""
+    rng = np.random.default_rng(seed)
+    f, h0 = (rng.standard_normal(shape).astype("float32") for _ in range(2))
+    if coefficients == "scalar":
+        return [f, h0, 0.3, 0.7, 0.5, -0.25]
+    map_shape = shape if coefficients == "full" else (1, 1, 1, shape[-1])
+    return [f, h0] + [rng.uniform(0.0, 1.0, map_shape).astype("float32") for _ in range(4)]
+
+
+def _solve_with_gradients(path, arrays, steps, boundary, **options):
+    """H^K and d(sum(H^K * w))/d(every tensor input) on `path`."""
+    import tensorflow as tf
+
+    os.environ[fused_solver.ENVIRONMENT_VARIABLE] = path
+    tensors = [tf.constant(a) if isinstance(a, np.ndarray) else a for a in arrays]
+    watched = [t for t in tensors if isinstance(t, tf.Tensor)]
+    weights = np.random.default_rng(99).standard_normal(arrays[0].shape).astype("float32")
+    with tf.GradientTape() as tape:
+        tape.watch(watched)
+        f, h0, d_x, d_y, u, v = tensors
+        out = solver.solve_advection_diffusion(f, h0, (d_x, d_y), (u, v), steps,
+                                               boundary=boundary, **options)
+        loss = tf.reduce_sum(out * weights)
+    return [out.numpy()] + [g.numpy() for g in tape.gradient(loss, watched)]
+
+
+def _max_relative_error(actual, expected):
+    scale = float(np.max(np.abs(expected)))
+    return float(np.max(np.abs(np.asarray(actual, np.float64) - expected))) / max(scale, 1e-30)
+
+
+@pytest.fixture
+def restore_path(monkeypatch):
+    monkeypatch.setenv(fused_solver.ENVIRONMENT_VARIABLE, "auto")
+
+
+@tensorflow_only
+@pytest.mark.usefixtures("restore_path")
+@pytest.mark.parametrize("shape, coefficients", [
+    ((2, 7, 9, 3), "full"),      # non-square
+    ((1, 5, 1, 2), "full"),      # 1 pixel wide, batch 1
+    ((2, 1, 6, 1), "full"),      # 1 pixel high, 1 channel
+    ((1, 4, 6, 11), "full"),     # a channel block and a partial one
+    ((2, 6, 5, 3), "channel"),   # per-channel (broadcast) coefficients
+    ((2, 6, 5, 3), "scalar"),    # python scalars
+])
+@pytest.mark.parametrize("steps", [1, 2, 5])
+@pytest.mark.parametrize("boundary", BOUNDARIES)
+def test_matches_reference_solver_forward_and_every_gradient(boundary, steps, shape,
+                                                             coefficients):
+    arrays = _problem(shape, seed=steps, coefficients=coefficients)
+    compiled = _solve_with_gradients("compiled", arrays, steps, boundary)
+    reference = _solve_with_gradients("reference", arrays, steps, boundary)
+    names = ["H^K", "f", "H^0", "D_x", "D_y", "u", "v"][:len(reference)]
+    for name, actual, expected in zip(names, compiled, reference):
+        assert actual.shape == expected.shape, name
+        error = _max_relative_error(actual, expected)
+        assert error <= 1e-5, f"{name}: max relative error {error:.2e}"
+
+
+@tensorflow_only
+@pytest.mark.usefixtures("restore_path")
+@pytest.mark.parametrize("steps", [1, 5])
+@pytest.mark.parametrize("boundary", BOUNDARIES)
+def test_rectified_coefficients_match_the_reference(boundary, steps):
+    """Maps given before their ReLU (half of them negative): the kernel's
+    in-pass ReLU and its gradient mask against ops.relu on the reference path."""
+    arrays = _problem((2, 6, 5, 3), seed=11)
+    arrays[2:] = [2.0 * a - 1.0 for a in arrays[2:]]
+    compiled = _solve_with_gradients("compiled", arrays, steps, boundary,
+                                     rectify_coefficients=True)
+    reference = _solve_with_gradients("reference", arrays, steps, boundary,
+                                      rectify_coefficients=True)
+    for actual, expected in zip(compiled, reference):
+        assert _max_relative_error(actual, expected) <= 1e-5
+    unrectified = _solve_with_gradients("reference", arrays, steps, boundary)
+    assert _max_relative_error(unrectified[0], reference[0]) > 1e-3
+
+
+@tensorflow_only
+@pytest.mark.parametrize("shape, maps", [((2, 7, 9, 3), 4), ((1, 5, 1, 2), 2), ((1, 4, 6, 11), 1)])
+def test_depthwise_maps_match_tensorflows_depthwise_conv(shape, maps):
+    """Forward and both gradients against tf.nn.depthwise_conv2d (output
+    channel c * maps + k is map k of channel c)."""
+    import tensorflow as tf
+
+    rng = np.random.default_rng(10)
+    x = tf.constant(rng.standard_normal(shape).astype("float32"))
+    kernel = tf.constant(rng.standard_normal((3, 3, shape[-1], maps)).astype("float32"))
+    weights = [tf.constant(rng.standard_normal(shape).astype("float32")) for _ in range(maps)]
+
+    def run(compute_maps):
+        with tf.GradientTape() as tape:
+            tape.watch([x, kernel])
+            outputs = compute_maps()
+            loss = sum(tf.reduce_sum(o * w) for o, w in zip(outputs, weights))
+        return [o.numpy() for o in outputs] + [g.numpy() for g in tape.gradient(loss, [x, kernel])]
+
+    def reference():
+        fused = tf.nn.depthwise_conv2d(x, kernel, (1, 1, 1, 1), "SAME")
+        return tf.unstack(tf.reshape(fused, shape + (maps,)), axis=-1)
+
+    for actual, expected in zip(run(lambda: fused_solver.depthwise_maps(x, kernel)),
+                                run(reference)):
+        assert _max_relative_error(actual, expected) <= 1e-5
+
+
+@tensorflow_only
+@pytest.mark.usefixtures("restore_path")
+@pytest.mark.parametrize("boundary", BOUNDARIES)
+def test_matches_numpy_oracle(boundary):
+    f, h0, d_x, d_y, u, v = _problem((2, 6, 7, 3), seed=4)
+    os.environ[fused_solver.ENVIRONMENT_VARIABLE] = "compiled"
+    spacing = dict(dt=0.1, dx=0.5, dy=2.0)
+    out = solver.solve_advection_diffusion(f, h0, (d_x, d_y), (u, v), 4, boundary=boundary,
+                                           **spacing)
+    expected = ref.solve(f, h0, (d_x, d_y), (u, v), 4, boundary=boundary, **spacing)
+    assert _max_relative_error(keras.ops.convert_to_numpy(out), expected) <= 1e-5
+
+
+@tensorflow_only
+@pytest.mark.usefixtures("restore_path")
+@pytest.mark.parametrize("boundary", BOUNDARIES)
+def test_gradients_match_finite_differences_of_the_oracle(boundary):
+    """Every input's gradient against central differences of the float64 oracle."""
+    shape, steps = (1, 3, 4, 2), 2
+    arrays = _problem(shape, seed=5)
+    arrays[2:] = [a + 0.2 for a in arrays[2:]]  # keep D and v away from ReLU's kink
+    weights = np.random.default_rng(99).standard_normal(shape)
+    gradients = _solve_with_gradients("compiled", arrays, steps, boundary)[1:]
+
+    def loss(values):
+        f, h0, d_x, d_y, u, v = values
+        return float(np.sum(ref.solve(f, h0, (d_x, d_y), (u, v), steps,
+                                      boundary=boundary) * weights))
+
+    point = [a.astype(np.float64) for a in arrays]
+    eps = 1e-5
+    for index, gradient in enumerate(gradients):
+        numeric = np.zeros(shape)
+        for cell in np.ndindex(*shape):
+            plus = [a.copy() for a in point]
+            minus = [a.copy() for a in point]
+            plus[index][cell] += eps
+            minus[index][cell] -= eps
+            numeric[cell] = (loss(plus) - loss(minus)) / (2 * eps)
+        np.testing.assert_allclose(gradient, numeric, rtol=1e-4,
+                                   atol=1e-4 * np.max(np.abs(numeric)))
+
+
+def _trained_weights(path, x, y):
+    os.environ[fused_solver.ENVIRONMENT_VARIABLE] = path
+    keras.utils.set_random_seed(3)
+    inputs = keras.Input(x.shape[1:])
+    h = pde_keras.GlobalLayer(steps=2)(inputs)
+    h = pde_keras.GlobalLayer(steps=1, boundary="neumann")(h)
+    outputs = keras.layers.Dense(2)(keras.layers.GlobalAveragePooling2D()(h))
+    model = keras.Model(inputs, outputs)
+    model.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(x, y, batch_size=4, epochs=3, shuffle=False, verbose=0)
+    return [w.numpy() for w in model.weights]
+
+
+@tensorflow_only
+@pytest.mark.usefixtures("restore_path")
+def test_training_gives_the_same_weights_on_both_paths():
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((8, 6, 5, 3)).astype("float32")
+    y = rng.integers(0, 2, 8)
+    compiled = _trained_weights("compiled", x, y)
+    reference = _trained_weights("reference", x, y)
+    for actual, expected in zip(compiled, reference):
+        np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-5)
+
+
+@tensorflow_only
+@pytest.mark.usefixtures("restore_path")
+def test_keras_file_is_the_same_whichever_path_saved_it(tmp_path):
+    x = np.random.default_rng(7).standard_normal((2, 6, 5, 3)).astype("float32")
+    inputs = keras.Input(x.shape[1:])
+    model = keras.Model(inputs, pde_keras.GlobalLayer(steps=3)(inputs))
+    outputs = {}
+    for path in ("compiled", "reference"):
+        os.environ[fused_solver.ENVIRONMENT_VARIABLE] = path
+        model.save(tmp_path / f"{path}.keras")
+        outputs[path] = keras.ops.convert_to_numpy(model(x))
+    np.testing.assert_allclose(outputs["compiled"], outputs["reference"], rtol=1e-5, atol=1e-6)
+    configs = [zipfile.ZipFile(tmp_path / f"{path}.keras").read("config.json")
+               for path in ("compiled", "reference")]
+    assert configs[0] == configs[1]
+    for saved_by in ("compiled", "reference"):
+        for path in ("compiled", "reference"):
+            os.environ[fused_solver.ENVIRONMENT_VARIABLE] = path
+            loaded = keras.saving.load_model(tmp_path / f"{saved_by}.keras")
+            assert loaded.layers[-1].get_config() == model.layers[-1].get_config()
+            np.testing.assert_allclose(keras.ops.convert_to_numpy(loaded(x)), outputs[path],
+                                       rtol=1e-6, atol=1e-6)
+
+
+_FALLBACK_SCRIPT = textwrap.dedent("""
+    import numpy as np
+    from pde_keras import solver
+    x = np.random.default_rng(0).standard_normal((1, 4, 5, 2)).astype("float32")
+    for _ in range(2):
+        out = solver.solve_advection_diffusion(x, x, (0.3, 0.4), (x, x), 2)
+    np.save("out.npy", np.asarray(out))
+""")
+
+
+@tensorflow_only
+def test_fallback_when_the_kernel_cannot_be_built_logs_once_and_computes(tmp_path):
+    """A compiler that fails: one log line, the reference's result; forcing
+    the compiled path then is an error."""
+    env = dict(os.environ, CXX="false", PDE_KERAS_CACHE=str(tmp_path / "cache"),
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+               TF_CPP_MIN_LOG_LEVEL="3")
+    env.pop(fused_solver.ENVIRONMENT_VARIABLE, None)
+    result = subprocess.run([sys.executable, "-c", _FALLBACK_SCRIPT], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stderr.splitlines() if "pde_keras:" in line]
+    assert len(lines) == 1 and "compiled solver kernel is unavailable" in lines[0], lines
+    x = np.random.default_rng(0).standard_normal((1, 4, 5, 2)).astype("float32")
+    expected = ref.solve(x, x, (0.3, 0.4), (x, x), 2)
+    assert _max_relative_error(np.load(tmp_path / "out.npy"), expected) <= 1e-5
+    assert not list((tmp_path / "cache").glob("*/*.so*")), "a failed build left a file behind"
+
+    env[fused_solver.ENVIRONMENT_VARIABLE] = "compiled"
+    result = subprocess.run([sys.executable, "-c", _FALLBACK_SCRIPT], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "PDE_KERAS_SOLVER=compiled, but the kernel could not be built" in result.stderr
+
+
+@pytest.mark.multibackend
+def test_requested_path_is_validated(monkeypatch):
+    monkeypatch.setenv(fused_solver.ENVIRONMENT_VARIABLE, "fast")
+    with pytest.raises(ValueError, match="PDE_KERAS_SOLVER"):
+        fused_solver.requested_path()
+    monkeypatch.setenv(fused_solver.ENVIRONMENT_VARIABLE, " Reference ")
+    assert fused_solver.requested_path() == "reference"
+    monkeypatch.delenv(fused_solver.ENVIRONMENT_VARIABLE)
+    assert fused_solver.requested_path() == "auto"
+
+
+@pytest.mark.multibackend
+def test_only_float32_tensorflow_problems_use_the_kernel(monkeypatch):
+    monkeypatch.setenv(fused_solver.ENVIRONMENT_VARIABLE, "auto")
+    assert not fused_solver.use_compiled("float64")
+    assert fused_solver.use_compiled("float32") == (BACKEND == "tensorflow")
+    if BACKEND != "tensorflow":
+        monkeypatch.setenv(fused_solver.ENVIRONMENT_VARIABLE, "compiled")
+        with pytest.raises(RuntimeError, match="TensorFlow-only"):
+            fused_solver.use_compiled("float32")
+
+
+@tensorflow_only
+@pytest.mark.usefixtures("restore_path")
+def test_xla_traces_use_the_reference():
+    """The kernel has no XLA lowering: under jit_compile the keras.ops solver runs."""
+    import tensorflow as tf
+
+    x = np.random.default_rng(8).standard_normal((1, 4, 5, 2)).astype("float32")
+    os.environ[fused_solver.ENVIRONMENT_VARIABLE] = "compiled"
+    jitted = tf.function(lambda t: solver.solve_advection_diffusion(t, t, (t, t), (t, t), 2),
+                         jit_compile=True)
+    plain = solver.solve_advection_diffusion(x, x, (x, x), (x, x), 2)
+    np.testing.assert_allclose(jitted(x).numpy(), plain.numpy(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow  # two processes compile the kernel (~1 min on 2 cores)
+@tensorflow_only
+def test_two_processes_building_at_once_share_one_build(tmp_path):
+    env = dict(os.environ, PDE_KERAS_CACHE=str(tmp_path / "cache"), TF_CPP_MIN_LOG_LEVEL="3",
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+               **{fused_solver.ENVIRONMENT_VARIABLE: "compiled"})
+    processes = [subprocess.Popen([sys.executable, "-c", _FALLBACK_SCRIPT], cwd=tmp_path / str(i),
+                                  env=env, stderr=subprocess.PIPE, text=True)
+                 for i in range(2) if (tmp_path / str(i)).mkdir() is None]
+    for process in processes:
+        assert process.wait(timeout=600) == 0, process.stderr.read()
+    assert [p.name for p in (tmp_path / "cache").glob("*/*.so*")] == ["fused_solver.so"]

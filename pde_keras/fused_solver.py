@@ -184,6 +184,10 @@ def use_compiled(dtype):
     Raises:
         RuntimeError: `PDE_KERAS_SOLVER=compiled` where the kernel cannot run.
     """
+    from pde_keras import solver  # Late: solver imports this module.
+
+    if solver.builtin_ops_required():
+        return False  # Exporting (solver.builtin_ops_only): never a custom op.
     path = requested_path()
     if path == "reference":
         return False

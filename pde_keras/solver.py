@@ -45,6 +45,11 @@ def builtin_ops_only():
         _BUILTIN_OPS_ONLY.reset(token)
 
 
+def builtin_ops_required():
+    """Whether the graph being traced must use built-in ops only (`builtin_ops_only`)."""
+    return _BUILTIN_OPS_ONLY.get()
+
+
 def _along(axis, index, rank=4):
     key = [slice(None)] * rank
     key[axis] = index

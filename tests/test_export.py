@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pde_keras import GlobalLayer, export, solver, training
+from pde_keras import GlobalLayer, export, fused_solver, solver, training
 from test_runners import JPEG_TARBALL, _failed_with, _run, extract_jpeg_subset
 
 # Every diffusivity, velocity, init and boundary, and each use of the periodic
@@ -91,6 +91,20 @@ def test_tflite_has_builtin_ops_only_and_matches_keras(every_option_model, tmp_p
     graph = tf.function(lambda x: model(x)).get_concrete_function(
         tf.TensorSpec((1, 8, 8, 3))).graph
     assert "Roll" in {op.type for op in graph.get_operations()}
+
+
+@pytest.mark.skipif(fused_solver.library() is None, reason="the compiled kernel cannot be built")
+def test_export_never_uses_the_compiled_kernel(every_option_model, tmp_path):
+    """With the compiled solver forced, Keras runs the kernel but exports hold no custom op."""
+    model, pixels, expected = every_option_model
+    with fused_solver.solver_path("compiled"):
+        graph = tf.function(lambda x: model(x)).get_concrete_function(
+            tf.TensorSpec((1, 8, 8, 3))).graph
+        assert any(op.type.startswith("PdeKeras") for op in graph.get_operations())
+        exported = export.export_model(model, tmp_path / "m.tflite", "tflite")
+    assert exported.custom_ops == []
+    np.testing.assert_allclose(exported.predict(pixels, batch_size=4), expected, rtol=0,
+                               atol=FLOAT32_TOLERANCE)
 
 
 def test_saved_model_matches_keras(every_option_model, tmp_path):

@@ -507,7 +507,7 @@ def _load_tfds(name, data_dir, download):
             raise
         raise DataError(
             f"tensorflow-datasets could not download and prepare {title} in {where!r} "
-            f"({type(e).__name__}: {_first_line(e)}); {ways_on}.") from None
+            f"({type(e).__name__}: {validation.first_line(e)}); {ways_on}.") from None
     arrays = []
     for split in splits:
         images, labels = [], []
@@ -544,12 +544,7 @@ def probe(url, timeout=PROBE_TIMEOUT_S):
     except urllib.error.HTTPError:
         return None
     except (urllib.error.URLError, OSError) as error:
-        return _first_line(getattr(error, "reason", error))
-
-
-def _first_line(error):
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+        return validation.first_line(getattr(error, "reason", error))
 
 
 def _synthetic(spec, train_size, test_size, seed=0):

@@ -654,9 +654,9 @@ class _BackupAndRestore(keras.callbacks.BackupAndRestore):
             try:
                 model.load_weights(backup.weights)
             except (OSError, ValueError) as error:
-                errors.append(f"{backup.weights}: {_first_line(error)}")
+                errors.append(f"{backup.weights}: {validation.first_line(error)}")
                 logging.warning("Cannot load the backup %s (%s); trying the previous one.",
-                                backup.weights, _first_line(error))
+                                backup.weights, validation.first_line(error))
                 continue
             model._initial_epoch = backup.epoch
             self._resume_epoch, self._skip = backup.epoch, backup.step
@@ -801,7 +801,7 @@ class _Backup:
             with h5py.File(self.weights, "r"):
                 pass
         except (OSError, ValueError) as error:
-            return f"{self.weights}: {_first_line(error)}"
+            return f"{self.weights}: {validation.first_line(error)}"
         return None
 
 
@@ -860,11 +860,6 @@ def _unreadable(backup_dir, errors):
     return BackupError(
         f"no readable backup in {str(backup_dir)!r} ({'; '.join(errors)}): re-run with "
         f"--restart to train from scratch, or remove {str(backup_dir)!r}")
-
-
-def _first_line(error):
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
 
 
 @contextlib.contextmanager
@@ -1026,7 +1021,7 @@ def read_log(log_path):
     except FileNotFoundError:
         return {}
     except (OSError, csv.Error, UnicodeDecodeError) as error:
-        raise UnreadableFileError(path, _first_line(error)) from None
+        raise UnreadableFileError(path, validation.first_line(error)) from None
     columns = dict.fromkeys(key for row in rows for key in row)
     if None in columns:  # csv.DictReader's key of the values beyond the header.
         raise UnreadableFileError(path, "a row has more values than the header")
@@ -1034,7 +1029,7 @@ def read_log(log_path):
         return {column: [float(row[column]) if row.get(column) else None for row in rows]
                 for column in columns}
     except ValueError as error:
-        raise UnreadableFileError(path, _first_line(error)) from None
+        raise UnreadableFileError(path, validation.first_line(error)) from None
 
 
 def read_json(path):
@@ -1050,11 +1045,11 @@ def read_json(path):
     except FileNotFoundError:
         raise
     except (OSError, UnicodeDecodeError) as error:
-        raise UnreadableFileError(path, _first_line(error)) from None
+        raise UnreadableFileError(path, validation.first_line(error)) from None
     try:
         value = json.loads(text)
     except ValueError as error:
-        raise UnreadableFileError(path, _first_line(error)) from None
+        raise UnreadableFileError(path, validation.first_line(error)) from None
     if not isinstance(value, dict):
         raise UnreadableFileError(path, f"a JSON {type(value).__name__}, not an object")
     return value

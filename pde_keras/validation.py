@@ -62,3 +62,10 @@ def check_float(name, value, *, positive=False, non_negative=False, below_one=Fa
             qualifier += " below 1"
         raise invalid(name, qualifier, value)
     return float(value)
+
+
+def first_line(error):
+    """The first line of an exception's message (its type name when empty), for
+    one-line error reports."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

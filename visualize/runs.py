@@ -104,7 +104,7 @@ class Run:
         except Exception as error:  # Keras raises many types for a bad file.
             raise VisualizeError(
                 f"Cannot load the model {str(self.model_path)!r}: "
-                f"{type(error).__name__}: {_first_line(error)}") from None
+                f"{type(error).__name__}: {validation.first_line(error)}") from None
 
     @functools.cached_property
     def test_split(self):
@@ -202,7 +202,7 @@ def _config(saved, data_dir):
     try:
         return training.Config(**options)
     except ValueError as error:
-        raise VisualizeError(f"Cannot use the run's config: {_first_line(error)}") from None
+        raise VisualizeError(f"Cannot use the run's config: {validation.first_line(error)}") from None
 
 
 def read_image(path, shape):
@@ -214,7 +214,7 @@ def read_image(path, shape):
             target_size=(height, width), interpolation="bilinear")
     except (OSError, ValueError) as error:
         raise VisualizeError(
-            f"Cannot read image {str(path)!r}: {_first_line(error)}") from None
+            f"Cannot read image {str(path)!r}: {validation.first_line(error)}") from None
     pixels = np.asarray(image, dtype=np.uint8)
     return pixels.reshape(height, width, channels)
 
@@ -276,11 +276,6 @@ def layer_outputs(model, image, names):
 def _numpy(tensor):
     """One example of a batch as a float32 NumPy array."""
     return np.asarray(keras.ops.convert_to_numpy(tensor), dtype=np.float32)[0]
-
-
-def _first_line(error):
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def check_model_dirs(model_dirs, labels=None):

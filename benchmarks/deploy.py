@@ -21,7 +21,7 @@ import keras
 import numpy as np
 
 import pde_keras
-from pde_keras import export, training
+from pde_keras import export, run_directory, training
 from benchmarks import timing, train
 
 FLAGS = flags.FLAGS
@@ -95,7 +95,7 @@ def main(argv):
         record = {"runtime": "tflite", "threads": FLAGS.threads, "batch_size": 1,
                   "machine": platform.machine(), "cpus": os.cpu_count(),
                   "pde_keras_version": pde_keras.__version__, "models": results}
-        training.write_json(FLAGS.output, record)
+        run_directory.write_json(FLAGS.output, record)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from absl import app, flags
 import keras
 
 import pde_keras
-from pde_keras import fused_solver, solver, training
+from pde_keras import fused_solver, run_directory, solver
 from benchmarks import timing
 
 FLAGS = flags.FLAGS
@@ -99,7 +99,7 @@ def main(argv):
             "median_seconds": medians, "ratio_to_conv": ratios,
             "pde_keras_version": pde_keras.__version__,
         }
-        training.write_json(FLAGS.output, record)
+        run_directory.write_json(FLAGS.output, record)
 
 
 if __name__ == "__main__":

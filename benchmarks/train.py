@@ -26,7 +26,7 @@ import keras
 import numpy as np
 
 import pde_keras
-from pde_keras import fused_solver, training
+from pde_keras import fused_solver, run_directory
 from pde_keras.models import resnet
 from benchmarks import timing
 
@@ -129,7 +129,7 @@ def main(argv):
                   "batch_size": FLAGS.batch_size, "machine": platform.machine(),
                   "cpus": os.cpu_count(), "pde_keras_version": pde_keras.__version__,
                   "models": results}
-        training.write_json(FLAGS.output, record)
+        run_directory.write_json(FLAGS.output, record)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ Flags: `python -m experiments.cifar --helpfull`; library:
 
 from absl import flags
 
-from experiments import flags as runner_flags
+from experiments import runner_flags
 
 runner_flags.define_flags("cifar")
 flags.adopt_module_key_flags(runner_flags)  # --help lists them.

@@ -15,26 +15,19 @@ only. Errors (no model in the directory, a bad flag) end the program with
 one line on stderr and exit status 1.
 """
 
-import sys
-
-from absl import app, flags
-
 import numpy as np
+from absl import flags
 
-from experiments import flags as runner_flags
-from pde_keras import export, training
-from visualize import runs
+from pde_keras import command_line, export, run_directory
+from visualize import trained_runs
 
 FLAGS = flags.FLAGS
 
 
 def define_flags():
-    flags.DEFINE_string(
-        "model_dir", None, "A run directory of python -m experiments.cifar / experiments.mnist "
-        "(config.json, last.keras, best.keras).", required=True)
-    flags.register_validator(
-        "model_dir", lambda value: value is None or bool(value.strip()),
-        "--model_dir must not be empty")
+    command_line.define_run_dir_flag(
+        "A run directory of python -m experiments.cifar / experiments.mnist (config.json, "
+        "last.keras, best.keras).")
     flags.DEFINE_enum(
         "format", "tflite", export.FORMATS,
         "tflite (one file, TFLite built-in operators only) or saved_model (a directory).")
@@ -43,7 +36,7 @@ def define_flags():
         "TFLite only: none (float32), float16 (float16 weights) or dynamic_range (int8 "
         "weights, activations quantised on the fly).")
     flags.DEFINE_enum(
-        "checkpoint", "last", runs.CHECKPOINTS,
+        "checkpoint", "last", tuple(run_directory.CHECKPOINTS),
         "Which saved model: last (the final model of results.json) or best.")
     flags.DEFINE_string(
         "out", None, "Where to write (default: MODEL_DIR/<checkpoint>.tflite, "
@@ -77,7 +70,7 @@ def export_run(model_dir, format, quantize="none", checkpoint="last", out=None,
     exported model's), `keras_test_accuracy` and `prediction_agreement`.
     """
     export.check_options(format, quantize)  # Before the slow loading.
-    run = runs.Run(model_dir, checkpoint, data_dir)
+    run = trained_runs.TrainedRun(model_dir, checkpoint, data_dir)
     out = out or default_out(str(model_dir), checkpoint, format, quantize)
     exported = export.export_model(run.model, out, format, quantize)
     split = run.test_split
@@ -103,7 +96,7 @@ def export_run(model_dir, format, quantize="none", checkpoint="last", out=None,
         "keras_test_accuracy": float(np.mean(keras_predicted == split.labels)),
         "prediction_agreement": float(np.mean(predicted == keras_predicted)),
     }
-    training.write_json(f"{exported.path}.json", report)
+    run_directory.write_json(f"{exported.path}.json", report)
     return report
 
 
@@ -119,17 +112,13 @@ def summary(report):
         f"{report['path']}.json")
 
 
-def main(argv):
-    del argv  # Checked by runner_flags.parse_flags.
-    try:
-        report = export_run(
-            FLAGS.model_dir, FLAGS.format, FLAGS.quantize, FLAGS.checkpoint, FLAGS.out,
-            FLAGS.data_dir, FLAGS.compare_examples, FLAGS.batch_size)
-    except ValueError as error:
-        sys.exit(f"error: {error}")
-    print(summary(report))
+def export_from_flags():
+    """Exports as the flags say and prints the summary line."""
+    print(summary(export_run(
+        FLAGS.model_dir, FLAGS.format, FLAGS.quantize, FLAGS.checkpoint, FLAGS.out,
+        FLAGS.data_dir, FLAGS.compare_examples, FLAGS.batch_size)))
 
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main, flags_parser=runner_flags.parse_flags)
+    command_line.run_reporting_errors(export_from_flags)

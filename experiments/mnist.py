@@ -10,7 +10,7 @@ Flags: `python -m experiments.mnist --helpfull`; library:
 
 from absl import flags
 
-from experiments import flags as runner_flags
+from experiments import runner_flags
 
 runner_flags.define_flags("mnist")
 flags.adopt_module_key_flags(runner_flags)  # --help lists them.

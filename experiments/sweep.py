@@ -47,17 +47,17 @@ tuned for 300 epochs).
 """
 
 import dataclasses
-import json
 import pathlib
 import shlex
 import statistics
 import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
 
-from experiments import flags as runner_flags
+from experiments import runner_flags
 from experiments import tables
-from pde_keras import data, training, validation
+from pde_keras import backup, command_line, config as config_module, data, evaluation
+from pde_keras import run_directory, training, validation
 
 TABLES = tuple(tables.TABLES)
 
@@ -83,21 +83,17 @@ SETTINGS = {
         "epochs": 10, "batch_size": 128, "learning_rate": 0.1, "weight_decay": 5e-4,
         "schedule": "cosine", "warmup_epochs": 1}),
 }
-# Config fields a finished run's results may differ in and still count
-# (where the data lies, how the run was executed).
-_IGNORED_FIELDS = ("data_dir", "download", "eval_batch_size", "jit_compile", "distribution",
-                   "verbose", "backup_every_steps")
 CONFUSION_FILE = "confusion.json"
 
 
 @dataclasses.dataclass(frozen=True)
-class Run:
+class SweepRun:
     """One training run of a sweep."""
 
     table: str
     row: tables.Row
     seed: int
-    config: training.Config
+    config: config_module.Config
     workdir: pathlib.Path
 
     @property
@@ -136,10 +132,10 @@ def plan(table, results_dir, *, rows=None, seeds=None, epochs=None, dataset=None
         seeds: seeds per row, 0 to seeds - 1 (None: the table's).
         epochs, dataset: override the table's (None: keep).
         data_source, data_dir, train_examples, test_examples: as the
-            `pde_keras.training.Config` fields.
+            `pde_keras.config.Config` fields.
 
     Returns:
-        A list of `Run`s. Raises ValueError on a bad argument.
+        A list of `SweepRun`s. Raises ValueError on a bad argument.
     """
     validation.check_choice("table", table, TABLES)
     setting = SETTINGS[table]
@@ -155,13 +151,13 @@ def plan(table, results_dir, *, rows=None, seeds=None, epochs=None, dataset=None
         if rows and row.slug not in rows:
             continue
         for seed in range(seeds):
-            config = training.Config(
+            config = config_module.Config(
                 dataset=dataset or setting.dataset, model=row.name,
                 model_options=dict(row.options), data_source=data_source,
                 data_dir=data_dir or None, train_examples=train_examples,
                 test_examples=test_examples, seed=seed, **fields)
             workdir = pathlib.Path(results_dir) / table / row.slug / f"seed{seed}"
-            runs.append(Run(table, row, seed, config, workdir))
+            runs.append(SweepRun(table, row, seed, config, workdir))
     return runs
 
 
@@ -171,21 +167,21 @@ def finished_results(run):
     Raises:
         ValueError: the directory holds the results of another configuration
             (they are never overwritten).
-        pde_keras.training.UnreadableFileError: its results.json is garbled.
+        pde_keras.run_directory.UnreadableFileError: its results.json is garbled.
     """
     try:
-        results = training.read_json(run.workdir / "results.json")
+        results = run_directory.read_json(run.workdir / run_directory.RESULTS_FILE)
     except FileNotFoundError:
         return None
     planned = run.config.to_json()
-    # A field added to Config after the run was recorded has its default.
-    recorded = {**training.Config().to_json(), **results.get("config", {})}
-    for name in planned:
-        if name not in _IGNORED_FIELDS and recorded.get(name) != planned[name]:
-            raise validation.invalid(
-                "results_dir", f"a directory without results of another configuration "
-                f"({run.workdir} holds a run with {name}={recorded.get(name)!r}, this sweep "
-                f"plans {name}={planned[name]!r})", str(run.workdir.parents[2]))
+    difference = run_directory.differing_field(
+        results.get("config", {}), planned, run_directory.result_fields(planned))
+    if difference:
+        name, recorded, planned_value = difference
+        raise validation.invalid(
+            "results_dir", f"a directory without results of another configuration "
+            f"({run.workdir} holds a run with {name}={recorded!r}, this sweep "
+            f"plans {name}={planned_value!r})", str(run.workdir.parents[2]))
     return results if results.get("epochs", 0) >= run.config.epochs else None
 
 
@@ -209,7 +205,7 @@ def sweep(runs, log=print):
                 continue
             log(f"[{index}/{len(runs)}] training: {shlex.join(run.command)}")
             results = training.train_and_evaluate(run.config, run.workdir)
-        except (training.UnreadableFileError, training.BackupError) as error:
+        except (run_directory.UnreadableFileError, backup.BackupError) as error:
             log(f"[{index}/{len(runs)}] left out: {error}")
             failed.append(run)
             continue
@@ -217,7 +213,7 @@ def sweep(runs, log=print):
             raise ValueError(runner_flags.write_error(error, str(run.workdir))) from None
         if run.table == "mnist":
             confusion(run)
-        log(f"[{index}/{len(runs)}] {runner_flags.summary(results, run.workdir / 'results.json')}")
+        log(f"[{index}/{len(runs)}] {runner_flags.summary(results, run.workdir / run_directory.RESULTS_FILE)}")
         trained.append(run)
         keras.backend.clear_session()
     return trained, failed
@@ -227,7 +223,7 @@ def _readable_results(run):
     """`finished_results(run)`, None when its results.json is garbled (the sweep says so)."""
     try:
         return finished_results(run)
-    except training.UnreadableFileError:
+    except run_directory.UnreadableFileError:
         return None
 
 
@@ -239,12 +235,13 @@ def confusion(run):
     """
     path = run.workdir / CONFUSION_FILE
     try:
-        return training.read_json(path)["matrix"]
-    except (FileNotFoundError, training.UnreadableFileError, KeyError):
-        if not (run.workdir / "last.keras").exists():
+        return run_directory.read_json(path)["matrix"]
+    except (FileNotFoundError, run_directory.UnreadableFileError, KeyError):
+        if not (run.workdir / run_directory.CHECKPOINTS["last"]).exists():
             return None
-    matrix = training.checkpoint_confusion(run.config, run.workdir / "last.keras").tolist()
-    training.write_json(path, {"checkpoint": "last.keras", "split": "test", "matrix": matrix})
+    last = run_directory.CHECKPOINTS["last"]
+    matrix = evaluation.checkpoint_confusion(run.config, run.workdir / last).tolist()
+    run_directory.write_json(path, {"checkpoint": last, "split": "test", "matrix": matrix})
     return matrix
 
 
@@ -351,7 +348,7 @@ def write_table(table, runs, results_dir, command):
                      "row is the `global` row.")
     path = pathlib.Path(results_dir) / f"{table}.md"
     path.parent.mkdir(parents=True, exist_ok=True)
-    training.write_text(path, "\n".join(notes) + "\n\n" + render_table(table, runs))
+    run_directory.write_text(path, "\n".join(notes) + "\n\n" + render_table(table, runs))
     return path
 
 
@@ -424,7 +421,7 @@ def main(argv):
             raise ValueError(
                 f"{len(failed)} of {len(runs)} runs left out, their directories unreadable "
                 f"(see the 'left out' lines above): {', '.join(str(r.workdir) for r in failed)}")
-    except training.Interrupted as interruption:  # SIGTERM, SIGINT: the run is backed up.
+    except backup.Interrupted as interruption:  # SIGTERM, SIGINT: the run is backed up.
         print(interruption, file=sys.stderr, flush=True)
         sys.exit(128 + interruption.signum)
     except (ValueError, training.TrainingDivergedError) as error:
@@ -433,4 +430,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=runner_flags.parse_flags)
+    command_line.run(main)

@@ -11,7 +11,6 @@ Published figures: "paper" is Kag & Saligrama (CVPR 2022, its poster),
 """
 
 import dataclasses
-import math
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,10 +116,10 @@ def measure(row, **overrides):
     Returns (trainable params, all params, `pde_keras.count_macs` mapping).
     """
     import pde_keras  # imported late: flags parse before TensorFlow loads
+    from pde_keras import inspection
 
     model = pde_keras.models.create(row.name, **{**row.options, **overrides})
-    params = sum(math.prod(weight.shape) for weight in model.trainable_weights)
-    return params, model.count_params(), pde_keras.count_macs(model)
+    return inspection.trainable_params(model), model.count_params(), pde_keras.count_macs(model)
 
 
 def format_macs(macs):

@@ -1,4 +1,5 @@
-"""Looking inside models with PDE layers: which they are, what they see, how stable.
+"""Looking inside models with PDE layers: which they are, what they see, their
+maps, how stable they are, how many parameters the model trains.
 
 Any model built from `GlobalLayer` or `AdvectionDiffusion`, also nested (a
 training classifier: pixels -> normalise -> core model -> logits), works:
@@ -12,6 +13,9 @@ training classifier: pixels -> normalise -> core model -> logits), works:
 >>> sorted(numbers["stage1_global"])
 ['courant', 'diffusion_number']
 """
+
+import dataclasses
+import math
 
 import keras
 import numpy as np
@@ -115,3 +119,80 @@ def stability_numbers(model, batch):
         numbers[layer.name] = {"courant": float(courant.max()),
                                "diffusion_number": float(diffusion.max())}
     return numbers
+
+
+def trainable_params(model):
+    """The number of trainable parameters of `model` (an int)."""
+    return int(sum(math.prod(variable.shape) for variable in model.trainable_variables))
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerMaps:
+    """The maps of one PDE layer for one image.
+
+    Attributes:
+        index: position among the model's PDE layers (0 = nearest the input).
+        name: the Keras layer name, e.g. `"stage1_global"` or `"pde"`.
+        kind: the layer's class name (`"GlobalLayer"`, `"AdvectionDiffusion"`).
+        maps: `{name: (height, width, channels) float32 array}`: every entry
+            of the layer's `coefficient_maps` for the image, plus `"input"`,
+            the layer's input (for `AdvectionDiffusion`: its source f).
+    """
+
+    index: int
+    name: str
+    kind: str
+    maps: dict
+
+
+def layer_maps(model, image):
+    """The maps of every PDE layer of `model` for one image.
+
+    Args:
+        model: a model with PDE layers (e.g. a run's classifier).
+        image: `(height, width, channels)` pixels as the model takes them
+            (0-255 for a training classifier).
+
+    Returns:
+        A list of `LayerMaps`, input side first. Each layer's maps are
+        exactly its `coefficient_maps` of the input it gets in the model.
+
+    Raises:
+        LookupError: the model has no PDE layers.
+    """
+    result = []
+    batch = np.asarray(image)[None]
+    for index, (layer, layer_input) in enumerate(pde_layer_inputs(model, batch)):
+        maps = {name: _first(value) for name, value in layer.coefficient_maps(layer_input).items()}
+        source = layer_input[0] if isinstance(layer, AdvectionDiffusion) else layer_input
+        maps["input"] = _first(source)
+        result.append(LayerMaps(index, layer.name, type(layer).__name__, maps))
+    return result
+
+
+def layer_outputs(model, image, names):
+    """The outputs of the layers `names` (of the model or a nested model) for one image.
+
+    Returns:
+        A list of `(height, width, channels)` float32 arrays, one per name.
+
+    Raises:
+        LookupError: a name that is no layer of the model; the message is
+            that name.
+    """
+    names = list(names)
+    try:
+        preprocess, inner = locate(model, lambda layer: layer.name in names)
+    except LookupError:
+        inner = None
+    for name in names:
+        if inner is None or name not in [layer.name for layer in inner.layers]:
+            raise LookupError(name)
+    outputs = run_to(inner, preprocess, np.asarray(image)[None],
+                     [inner.get_layer(name).output for name in names])
+    return [_first(output) for output in outputs]
+
+
+def _first(tensor):
+    """The first example of a batch as a float32 NumPy array."""
+    return np.asarray(keras.ops.convert_to_numpy(tensor), dtype=np.float32)[0]

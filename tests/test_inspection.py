@@ -84,3 +84,40 @@ def test_mnist_pde_layer_and_models_without_pde_layers():
     conv = _classifier(pde_keras.models.create("mnist_conv", channels=2), (28, 28, 1))
     assert inspection.pde_layers(conv) == []
     assert inspection.stability_numbers(conv, pixels) == {}
+
+
+def test_layer_maps_are_the_coefficient_maps_of_the_layers_input():
+    core = _identity_velocity_net()
+    model = _classifier(core, (6, 5, 3))
+    pixels = np.random.default_rng(3).uniform(0, 255, (6, 5, 3)).astype("float32")
+    (maps,) = inspection.layer_maps(model, pixels)
+    assert (maps.index, maps.name, maps.kind) == (0, "pde", "GlobalLayer")
+    conv = core.get_layer("conv")
+    features = ref.conv_same((pixels[None] - 100.0) / 50.0, _np(conv.kernel)) + _np(conv.bias)
+    np.testing.assert_allclose(maps.maps["input"], features[0], rtol=1e-5, atol=1e-5)
+    expected = core.get_layer("pde").coefficient_maps(features.astype("float32"))
+    assert set(maps.maps) == {"input", *expected}
+    for name, value in expected.items():
+        np.testing.assert_allclose(maps.maps[name], _np(value)[0], rtol=1e-5, atol=1e-5,
+                                   err_msg=name)
+        assert maps.maps[name].dtype == np.float32
+
+
+def test_layer_outputs_of_a_nested_model():
+    core = _identity_velocity_net()
+    model = _classifier(core, (6, 5, 3))
+    pixels = np.random.default_rng(4).uniform(0, 255, (6, 5, 3)).astype("float32")
+    (features,) = inspection.layer_outputs(model, pixels, ["conv"])
+    conv = core.get_layer("conv")
+    expected = ref.conv_same((pixels[None] - 100.0) / 50.0, _np(conv.kernel)) + _np(conv.bias)
+    np.testing.assert_allclose(features, expected[0], rtol=1e-5, atol=1e-5)
+    with pytest.raises(LookupError, match="^missing$"):
+        inspection.layer_outputs(model, pixels, ["conv", "missing"])
+
+
+def test_trainable_params_leave_out_the_moving_statistics():
+    model = keras.Sequential([keras.Input((4, 4, 2)), keras.layers.Conv2D(3, 3),
+                              keras.layers.BatchNormalization()])
+    # Conv 3*3*2*3 + 3 biases, BN gamma and beta: 3 + 3; moving mean/variance are not trained.
+    assert inspection.trainable_params(model) == 54 + 3 + 6
+    assert model.count_params() == 54 + 3 + 12

@@ -194,12 +194,13 @@ def test_flag_errors_are_one_line(runner):
     cases = [flags for flags, _ in FLAG_ERRORS[runner]]
     process = _run(["-c", textwrap.dedent(f"""
         import json
-        from experiments import flags
+        from experiments import runner_flags as flags
+        from pde_keras import command_line
         flags.define_flags({runner!r})
         for argv in {cases!r}:
             flags.FLAGS.unparse_flags()  # Back to the defaults.
             try:
-                flags.parse_flags(["{runner}", *argv])
+                command_line.parse_flags(["{runner}", *argv])
                 flags.config_from_flags({runner!r})
             except SystemExit as exit:
                 print(json.dumps(str(exit.code)))
@@ -217,11 +218,12 @@ def test_flag_errors_are_one_line(runner):
 
 def test_coefficient_epsilon_flag_reaches_the_model_options():
     process = _run(["-c", textwrap.dedent("""
-        from experiments import flags
+        from experiments import runner_flags as flags
+        from pde_keras import command_line
         flags.define_flags("cifar")
         for value in ("channels", "1e-5", "16"):
             flags.FLAGS.unparse_flags()
-            flags.parse_flags(["cifar", f"--coefficient_epsilon={value}", "--model_dir=x"])
+            command_line.parse_flags(["cifar", f"--coefficient_epsilon={value}", "--model_dir=x"])
             print(flags.config_from_flags("cifar").model_options)
     """)], timeout=120)
     assert process.returncode == 0, process.stderr[-3000:]

@@ -10,9 +10,8 @@ import textwrap
 import pytest
 from absl import flags
 
-from experiments import flags as runner_flags
 from experiments import sweep, tables
-from pde_keras import training
+from pde_keras import command_line, training
 from test_runners import ROOT, _env, _run
 
 TINY = {"data_source": "synthetic", "train_examples": 64, "test_examples": 32, "epochs": 1}
@@ -30,7 +29,7 @@ def main(capsys):
     def run(*argv):
         status = 0
         try:
-            runner_flags.parse_flags(["sweep", *argv])
+            command_line.parse_flags(["sweep", *argv])
             sweep.main(["sweep"])
         except SystemExit as exit:
             status = exit.code
@@ -113,7 +112,7 @@ def test_results_without_a_newer_config_field_count_as_its_default(tmp_path):
                                          "warmup_epochs=1"):
         sweep.finished_results(run)
     recorded["warmup_epochs"] = 1
-    del recorded["dump_maps"]  # Default False, as planned.
+    del recorded["deterministic"]  # Default False, as planned.
     training.write_json(run.workdir / "results.json", {"config": recorded, "epochs": 10})
     assert sweep.finished_results(run)["epochs"] == 10
 
@@ -152,7 +151,7 @@ def test_command_builds_the_same_config(tmp_path, table, row):
     script = textwrap.dedent(f"""
         import json, sys
         from absl import flags
-        from experiments import {runner}, flags as runner_flags
+        from experiments import {runner}, runner_flags
         flags.FLAGS({[runner, *run.command[3:]]!r})
         print(json.dumps(runner_flags.config_from_flags({runner!r}).to_json()))
     """)

@@ -10,67 +10,13 @@ import keras
 import numpy as np
 import pytest
 
-from pde_keras import inspection, training
+from pde_keras import data, inspection, training
 from pde_keras.training import Config
+
+from run_helpers import TINY, invalid_argument
 
 pytestmark = pytest.mark.multibackend
 
-# The smallest model: the MNIST conv net with one channel (522 parameters).
-TINY = dict(dataset="mnist", model="mnist_conv", model_options={"channels": 1},
-            data_source="synthetic", train_examples=128, test_examples=32,
-            batch_size=32, verbose=0)
-
-
-def _invalid(name, expected, received):
-    return pytest.raises(ValueError, match="^" + re.escape(
-        f"Invalid value for argument `{name}`: expected {expected}. Received: "
-        f"{name}={received}") + "$")
-
-
-# ------------------------------------------------------------------ config
-
-
-@pytest.mark.parametrize("options,name,expected,received", [
-    (dict(dataset="svhn"), "dataset", "one of 'mnist', 'cifar10', 'cifar100'", "'svhn'"),
-    (dict(epochs=0), "epochs", "an integer >= 1", "0"),
-    (dict(batch_size=2.5), "batch_size", "an integer >= 1", "2.5"),
-    (dict(train_examples=-1), "train_examples", "an integer >= 0", "-1"),
-    (dict(learning_rate=float("nan")), "learning_rate", "a positive finite number", "nan"),
-    (dict(momentum=1.0), "momentum", "a finite number >= 0 below 1", "1.0"),
-    (dict(weight_decay=-1e-4), "weight_decay", "a finite number >= 0", "-0.0001"),
-    (dict(schedule="linear"), "schedule", "one of 'cosine', 'step', 'constant'",
-     "'linear'"),
-    (dict(augmentation="flip"), "augmentation",
-     "one of 'auto', 'none', 'crop', 'crop_flip'", "'flip'"),
-    (dict(distribution="tpu"), "distribution",
-     "one of 'none', 'mirrored', 'data_parallel'", "'tpu'"),
-    (dict(distribution="data_parallel"), "distribution",
-     "'none' or the jax backend's 'data_parallel' (the backend is tensorflow)",
-     "'data_parallel'"),
-    (dict(distribution="mirrored"), "distribution",
-     "'none' or the tensorflow backend's 'mirrored' (the backend is jax)", "'mirrored'"),
-    (dict(step_milestones=(0.75, 0.5)), "step_milestones",
-     "increasing fractions of the epochs in (0, 1)", "(0.75, 0.5)"),
-    (dict(schedule="step", warmup_epochs=1, epochs=5), "warmup_epochs",
-     "0 with schedule='step' (warm-up is part of the cosine schedule)", "1"),
-    (dict(warmup_epochs=2, epochs=2), "warmup_epochs", "fewer than epochs=2", "2"),
-    (dict(jit_compile="yes"), "jit_compile", "'auto', True or False", "'yes'"),
-    (dict(data_source="local"), "data_dir", "a directory for source='local'", "None"),
-    (dict(model_options=["channels"]), "model_options", "a dict of keyword options",
-     "['channels']"),
-])
-def test_config_rejects(options, name, expected, received):
-    backend = keras.backend.backend()
-    if "(the backend is" in expected and f"(the backend is {backend})" not in expected:
-        pytest.skip(f"valid on {backend}")
-    with _invalid(name, expected, received):
-        Config(**options)
-
-
-def test_config_rejects_unknown_model():
-    with pytest.raises(ValueError, match=re.escape(
-            "Invalid value for argument `model`: expected one of 'mnist_conv'")):
-        Config(model="vgg16")
 
 
 # ---------------------------------------------------------------- schedules
@@ -108,83 +54,6 @@ def test_step_schedule_defaults_to_the_authors():
     schedule = training.make_schedule(Config(epochs=300, schedule="step"), 1)
     np.testing.assert_allclose(
         _rates(schedule, [149, 150, 224, 225]), [0.01, 0.001, 0.001, 0.0001], rtol=1e-6)
-
-
-# ------------------------------------------------------------ data pipeline
-
-
-def test_channel_stats_match_numpy():
-    images = np.random.default_rng(0).integers(0, 256, (50, 8, 8, 3), dtype=np.uint8)
-    mean, std = training.channel_stats(images)
-    np.testing.assert_allclose(mean, images.mean(axis=(0, 1, 2)))
-    np.testing.assert_allclose(std, images.std(axis=(0, 1, 2)))
-
-
-def _first_epoch(dataset):
-    return [tuple(np.asarray(t) for t in batch) for batch in dataset.as_numpy_iterator()]
-
-
-def test_evaluation_pipeline_keeps_order_and_values():
-    images = np.arange(5 * 4 * 4, dtype=np.uint8).reshape(5, 4, 4, 1)
-    batches = _first_epoch(training.make_dataset(images, np.arange(5), 2))
-    assert [len(b[1]) for b in batches] == [2, 2, 1]
-    x = np.concatenate([b[0] for b in batches])
-    assert x.dtype == np.float32
-    np.testing.assert_array_equal(x, images)
-
-
-def test_evaluation_pipeline_pads_with_weight_zero():
-    images = np.ones((5, 4, 4, 1), np.uint8)
-    batches = _first_epoch(training.make_dataset(images, np.arange(5), 4, pad_to=2))
-    assert [len(b[0]) for b in batches] == [4, 2]
-    np.testing.assert_array_equal(np.concatenate([b[2] for b in batches]), [1, 1, 1, 1, 1, 0])
-    assert batches[-1][0][-1].max() == 0
-
-
-def _augmentations(images, augmentation, seed=3):
-    """Augments `images` once; returns the result and, per image, its
-    (row offset, column offset, flipped) relative to its zero-padded source."""
-    labels = np.arange(len(images))
-    dataset = training.make_dataset(images, labels, len(images),
-                                    augmentation=augmentation, seed=seed)
-    (x, y), = _first_epoch(dataset)
-    size = images.shape[1]
-    found = []
-    for image, label in zip(x, y):
-        padded = np.pad(images[label], ((4, 4), (4, 4), (0, 0)))
-        matches = [
-            (dy, dx, flip) for dy in range(9) for dx in range(9) for flip in (0, 1)
-            if np.array_equal(
-                image, (padded[:, ::-1] if flip else padded)[dy:dy + size, dx:dx + size])
-        ]
-        assert len(matches) == 1, f"image {label}: {matches}"
-        found.append(matches[0])
-    return x, found
-
-
-def test_crop_flip_augmentation_is_a_shift_and_flip_per_image():
-    images = np.random.default_rng(0).integers(1, 256, (64, 12, 12, 3), dtype=np.uint8)
-    x, found = _augmentations(images, "crop_flip")
-    # Per image: many different offsets, about half flipped.
-    assert len({(dy, dx) for dy, dx, _ in found}) > 20
-    assert 16 < sum(flip for _, _, flip in found) < 48
-    # Seeded: the same seed gives the same first epoch.
-    np.testing.assert_array_equal(_augmentations(images, "crop_flip")[0], x)
-    assert not np.array_equal(_augmentations(images, "crop_flip", seed=4)[0], x)
-
-
-def test_crop_augmentation_never_flips():
-    images = np.random.default_rng(1).integers(1, 256, (32, 12, 12, 1), dtype=np.uint8)
-    _, found = _augmentations(images, "crop")
-    assert {flip for _, _, flip in found} == {0}
-    assert len({(dy, dx) for dy, dx, _ in found}) > 10
-
-
-def test_training_pipeline_reshuffles_every_epoch():
-    images = np.zeros((16, 4, 4, 1), np.uint8)
-    dataset = training.make_dataset(images, np.arange(16), 16, seed=0)
-    first, second = (_first_epoch(dataset)[0][1] for _ in range(2))
-    assert sorted(first) == list(range(16)) and not np.array_equal(first, second)
 
 
 # ------------------------------------------------------------- weight decay
@@ -273,7 +142,7 @@ def test_train_and_evaluate_writes_every_output(tmp_path):
     assert not list(tmp_path.glob(".results.json.*"))  # no temporary files left
 
     # The last checkpoint is the evaluated model and takes raw pixels.
-    dataset = training.data.load("mnist", "synthetic", synthetic_sizes=(128, 32))
+    dataset = data.load("mnist", "synthetic", synthetic_sizes=(128, 32))
     last = keras.saving.load_model(tmp_path / "last.keras")
     predictions = np.argmax(last.predict(dataset.test_images.astype("float32"), verbose=0), 1)
     assert np.mean(predictions == dataset.test_labels) == pytest.approx(
@@ -316,7 +185,7 @@ def test_resume_refuses_a_backup_of_another_model(tmp_path):
         training.train_and_evaluate(Config(epochs=2, **TINY), tmp_path,
                                     callbacks=[_Crash(at=1)])
     other = Config(epochs=2, **{**TINY, "model": "mnist_residual"})
-    with _invalid(
+    with invalid_argument(
         "workdir", "a new directory, or the one of a run with model='mnist_conv' to "
         "resume it (it holds that run's backup, and this run has model='mnist_residual')",
         repr(str(tmp_path)),

@@ -2,10 +2,10 @@
 written equal the layers' `coefficient_maps`, and one-line errors.
 
 The four MNIST nets of the report's Figure 2 (2 channels) are trained once
-for the module through the training library (synthetic data, 1 epoch), the
-Perona-Malik one with `dump_maps=True`. ResNet32-Global is drawn untrained
-here (tracing its training takes a minute); the slow test trains it with
-`dump_maps=True` and runs `visualize.pde_maps` on it. The commands run in
+for the module through the runners' library function (synthetic data, 1
+epoch), the Perona-Malik one with `dump_maps=True`. ResNet32-Global is drawn
+untrained here (tracing its training takes a minute); the slow test trains
+it with `dump_maps=True` and runs `visualize.pde_maps` on it. The commands run in
 subprocesses on TensorFlow; the tests marked `multibackend` run in process
 on either backend.
 """
@@ -23,8 +23,13 @@ import pytest
 from PIL import Image
 
 import pde_keras
+from experiments import runner_flags
 from pde_keras import training
-from visualize import evaluation, features, maps, runs
+from pde_keras.evaluation import confusion_matrix
+from visualize import evaluation_figures as evaluation
+from visualize import feature_figures as features
+from visualize import map_figures as maps
+from visualize import trained_runs as runs
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = dict(data_source="synthetic", train_examples=32, test_examples=8, batch_size=16,
@@ -46,8 +51,15 @@ WRITTEN_BY = "written by pde_keras.training (python -m experiments.mnist / exper
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     for name, options in RUNS.items():
-        training.train_and_evaluate(training.Config(**{**TINY, **options}), root / name)
+        runner_flags.train(_config(options), root / name,
+                           dump_maps=options.get("dump_maps", False))
     return root
+
+
+def _config(options):
+    """The training Config of a run of `RUNS` (dump_maps is the runner's)."""
+    return training.Config(**{key: value for key, value in {**TINY, **options}.items()
+                              if key != "dump_maps"})
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +70,7 @@ def untrained_global(tmp_path_factory):
     need only the saved files (the slow test trains one).
     """
     root = tmp_path_factory.mktemp("global")
-    config = training.Config(**{**TINY, **GLOBAL_RUN})
+    config = _config(GLOBAL_RUN)
     _, (train_images, _), _ = training.load_splits(config)
     core = pde_keras.models.create("resnet32_global")
     model = training.build_classifier(core, (32, 32, 3), *training.channel_stats(train_images))
@@ -115,7 +127,7 @@ def _layer_inputs(model_dir, names, pixels):
 
 def _test_image(options, index):
     """Test image `index` of a run with `options`, as training loaded it."""
-    _, _, (images, _) = training.load_splits(training.Config(**{**TINY, **options}))
+    _, _, (images, _) = training.load_splits(_config(options))
     return images[index]
 
 
@@ -162,7 +174,7 @@ def test_global_layer_maps_are_their_coefficient_maps(untrained_global, tmp_path
 @pytest.mark.slow
 def test_cifar_run_dump_maps_and_pde_maps_command(tmp_path):
     """The acceptance: a trained ResNet32-Global's maps, at the end of training and later."""
-    training.train_and_evaluate(training.Config(**{**TINY, **GLOBAL_RUN}), tmp_path)
+    runner_flags.train(_config(GLOBAL_RUN), tmp_path, dump_maps=True)
     assert sorted(p.name for p in (tmp_path / "maps").iterdir()) == ["image0"]
     _check_maps_files(tmp_path / "maps" / "image0", 3, 3)
     image = _test_image(GLOBAL_RUN, 0)
@@ -234,7 +246,7 @@ def test_mnist_features_command(trained, tmp_path):
 
 
 def test_figure2_panels(trained):
-    run = runs.Run(trained / "pde_pm")
+    run = runs.TrainedRun(trained / "pde_pm")
     image, caption = run.image(0)
     assert caption.startswith("test image 0 (")
     (title_f, feature), (title_v, velocity) = features.run_panels(run, image)
@@ -242,7 +254,7 @@ def test_figure2_panels(trained):
     assert title_v == "PDE velocity map (u = v)\nPerona-Malik D (lambda = 2)"
     assert feature.shape == velocity.shape == (28, 28, 2)
     assert feature.min() >= 0  # After the net's output ReLU.
-    (title,), _ = zip(*features.run_panels(runs.Run(trained / "conv"), image))
+    (title,), _ = zip(*features.run_panels(runs.TrainedRun(trained / "conv"), image))
     assert title == "Conv feature map"
 
 
@@ -272,7 +284,7 @@ def test_confusion_command(trained, tmp_path):
 def test_pair_confusion_counts():
     labels = np.array([3, 3, 3, 5, 5, 1])
     predictions = np.array([5, 3, 5, 3, 5, 1])
-    matrix = training.confusion_matrix(labels, predictions, 10)
+    matrix = confusion_matrix(labels, predictions, 10)
     assert matrix.sum() == 6 and matrix[3, 5] == 2 and matrix[5, 3] == 1
     assert evaluation.pair_confusion(matrix, 3, 5) == {
         "classes": [3, 5], "first_as_second": 2, "second_as_first": 1, "total": 3,
@@ -367,12 +379,11 @@ def test_dump_maps_needs_pde_layers(tmp_path):
     with _raises("Invalid value for argument `dump_maps`: expected False for model "
                  "'mnist_conv', which has no PDE layers (GlobalLayer, AdvectionDiffusion). "
                  "Received: dump_maps=True"):
-        training.train_and_evaluate(
-            training.Config(**{**TINY, **RUNS["conv"], "dump_maps": True}), tmp_path)
+        runner_flags.train(_config(RUNS["conv"]), tmp_path, dump_maps=True)
     assert not (tmp_path / "log.csv").exists()
     with _raises("Invalid value for argument `dump_maps`: expected True or False. "
                  "Received: dump_maps=1"):
-        training.Config(dump_maps=1)
+        runner_flags.train(_config(RUNS["conv"]), tmp_path, dump_maps=1)
 
 
 def test_command_error_is_one_line(trained):

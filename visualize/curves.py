@@ -2,13 +2,12 @@
 
     python -m visualize.curves --model_dirs=/tmp/conv,/tmp/pde --out=curves.png
 
-Reads each run's `log.csv`; see `visualize.evaluation`.
+Reads each run's `log.csv`; see `visualize.evaluation_figures`.
 """
 
 from absl import flags
 
-from visualize import evaluation
-from visualize import flags as figure_flags
+from visualize import evaluation_figures, figure_flags
 
 FLAGS = flags.FLAGS
 figure_flags.define_flags("curves")
@@ -16,7 +15,7 @@ flags.adopt_module_key_flags(figure_flags)  # --help lists them.
 
 
 def draw():
-    print(f"wrote {evaluation.write_curves(FLAGS.model_dirs, FLAGS.out, labels=FLAGS.labels)}")
+    print(f"wrote {evaluation_figures.write_curves(FLAGS.model_dirs, FLAGS.out, labels=FLAGS.labels)}")
 
 
 if __name__ == "__main__":

@@ -5,13 +5,12 @@
 
 Writes `layer{i}_{Dx,Dy,u,v,ux,vy,input,output}.png` for every Global layer
 (and the MNIST net's AdvectionDiffusion layer), `overview.png` and
-`maps.npz`; see `visualize.maps`.
+`maps.npz`; see `visualize.map_figures`.
 """
 
 from absl import flags
 
-from visualize import flags as figure_flags
-from visualize import maps
+from visualize import figure_flags, map_figures
 
 FLAGS = flags.FLAGS
 figure_flags.define_flags("pde_maps")
@@ -19,7 +18,7 @@ flags.adopt_module_key_flags(figure_flags)  # --help lists them.
 
 
 def draw():
-    paths = maps.write_run_maps(
+    paths = map_figures.write_run_maps(
         FLAGS.model_dir, out_dir=FLAGS.out_dir, image_index=FLAGS.image_index,
         image=FLAGS.image, checkpoint=FLAGS.checkpoint, data_dir=FLAGS.data_dir)
     print(f"wrote {len(paths)} files to {paths[0].parent} (overview: "

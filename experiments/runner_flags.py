@@ -5,38 +5,36 @@ and the runners' common `main`.
 (`runner="mnist"`) or `python -m experiments.cifar` (`runner="cifar"`):
 the model (`--backbone`/`--channels` or `--model`), every PDE layer option
 (default: the model's own), data, optimisation and run flags.
-`train_from_flags(runner)` builds a `pde_keras.training.Config` from them
-and calls `pde_keras.training.train_and_evaluate`; `run()` is
+`train_from_flags(runner)` builds a `pde_keras.config.Config` from them,
+calls `pde_keras.training.train_and_evaluate` and, with `--dump_maps`, draws
+the maps of the trained model (`visualize.map_figures`); `run()` is
 `absl.app.run(main)` with flag errors reported on one line.
+
+Every flag named after a `Config` field sets that field and takes its
+default from `Config` (the runners' `--epochs` excepted: the report's 100
+and 200); every flag named after a model option (`pde_keras.models.options`)
+is passed to the model when set (default None: the model's own default).
 """
 
 import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
 
-from pde_keras import advection_diffusion, data, global_layer, models, solver, training
-from pde_keras import validation
+from pde_keras import advection_diffusion, backup, command_line, config, data, global_layer
+from pde_keras import input_pipeline, models, run_directory, solver, training, validation
 
 FLAGS = flags.FLAGS
 RUNNERS = ("mnist", "cifar")
 MNIST_BACKBONES = tuple(n[len("mnist_"):] for n in models.names() if n.startswith("mnist_"))
 CIFAR_MODELS = tuple(n for n in models.names() if not n.startswith("mnist_"))
-# Flags passed to pde_keras.models.create when defined and set (default None:
-# the model's own default). PDE options apply to the PDE models only; the
-# MNIST runner has no --velocity and --init (mnist_pde's velocity is its g).
-MODEL_OPTION_FLAGS = (
-    "diffusivity", "velocity", "init", "steps", "dt", "dx", "dy", "boundary",
-    "diffusivity_constant", "perona_malik_lambda", "kernel_initializer",
-    "batchnorm_momentum", "batchnorm_epsilon", "coefficient_epsilon",
-)
-# Flags copied to the training Config field of the same name.
-CONFIG_FLAGS = (
-    "dataset", "data_source", "data_dir", "download", "train_examples", "test_examples",
-    "epochs", "batch_size", "eval_batch_size", "learning_rate", "weight_decay",
-    "decoupled_weight_decay", "schedule", "warmup_epochs", "step_factor",
-    "augmentation", "seed", "deterministic", "mixed_precision", "distribution",
-    "dump_maps", "backup_every_steps",
-)
+DEFAULTS = config.defaults()
+# The model options of any model: a flag of that name is passed to the model.
+# (PDE options apply to the PDE models only; the MNIST runner has no
+# --velocity and --init: mnist_pde's velocity is its g.)
+MODEL_OPTIONS = frozenset(option for name in models.names() for option in models.options(name))
+# Config fields that are not set from the flag of the same name.
+_CONFIG_FIELDS_SET_APART = ("model", "model_options", "step_milestones", "jit_compile",
+                            "data_dir")
 _JIT_COMPILE = {"auto": "auto", "true": True, "false": False}
 
 
@@ -108,7 +106,7 @@ def define_flags(runner):
 
     # Data.
     flags.DEFINE_enum(
-        "data_source", "auto", data.SOURCES,
+        "data_source", DEFAULTS["data_source"], data.SOURCES,
         "Where the data comes from: auto (local if --data_dir is set, else "
         "bundled MNIST / tfds CIFAR), bundled (MNIST shipped with the package), "
         "tfds (tensorflow-datasets), local (--data_dir), synthetic (smoke tests).")
@@ -117,15 +115,15 @@ def define_flags(runner):
         "Local data: MNIST IDX files, CIFAR python batches (folder or .tar.gz) or a "
         "train/<class>/*.jpg + test/<class>/*.jpg tree; or tfds' data directory.")
     flags.DEFINE_bool(
-        "download", True, "Let tfds download a dataset missing from its data directory.")
+        "download", DEFAULTS["download"], "Let tfds download a dataset missing from its data directory.")
     flags.DEFINE_integer(
-        "train_examples", 0, "Train on a seeded random subset of this many examples "
+        "train_examples", DEFAULTS["train_examples"], "Train on a seeded random subset of this many examples "
         "(0: all).", lower_bound=0)
     flags.DEFINE_integer(
-        "test_examples", 0, "Evaluate on a seeded random subset of this many test "
+        "test_examples", DEFAULTS["test_examples"], "Evaluate on a seeded random subset of this many test "
         "examples (0: all).", lower_bound=0)
     flags.DEFINE_enum(
-        "augmentation", "auto", training.AUGMENTATIONS,
+        "augmentation", DEFAULTS["augmentation"], input_pipeline.AUGMENTATIONS,
         "Training augmentation: auto (crop_flip for CIFAR, none for MNIST), none, crop "
         "(4-pixel pad + random crop) or crop_flip (and random horizontal flip).")
 
@@ -133,41 +131,36 @@ def define_flags(runner):
     flags.DEFINE_integer(
         "epochs", 100 if mnist else 200, "Training epochs (the report's).", lower_bound=1)
     flags.DEFINE_integer(
-        "batch_size", 32, "Global training batch size (the report's).", lower_bound=1)
+        "batch_size", DEFAULTS["batch_size"], "Global training batch size (the report's).", lower_bound=1)
     flags.DEFINE_integer(
-        "eval_batch_size", 256, "Evaluation batch size.", lower_bound=1)
+        "eval_batch_size", DEFAULTS["eval_batch_size"], "Evaluation batch size.", lower_bound=1)
     flags.DEFINE_float(
-        "learning_rate", 0.01, "Peak learning rate of SGD (momentum 0.9, Nesterov).")
+        "learning_rate", DEFAULTS["learning_rate"], "Peak learning rate of SGD (momentum 0.9, Nesterov).")
     flags.DEFINE_float(
-        "weight_decay", 5e-5, "Weight decay as PyTorch's SGD (L2 gradient through the "
+        "weight_decay", DEFAULTS["weight_decay"], "Weight decay as PyTorch's SGD (L2 gradient through the "
         "momentum; the authors' default 5e-5).")
     flags.DEFINE_bool(
-        "decoupled_weight_decay", False,
+        "decoupled_weight_decay", DEFAULTS["decoupled_weight_decay"],
         "Use Keras' decoupled SGD weight_decay instead of PyTorch's coupled L2.")
     flags.DEFINE_enum(
-        "schedule", "cosine", training.SCHEDULES,
+        "schedule", DEFAULTS["schedule"], config.SCHEDULES,
         "Learning-rate schedule: cosine (CosineDecay to 0, as the report), step (the "
         "authors' MultiStepLR, see --step_milestones) or constant.")
     flags.DEFINE_integer(
-        "warmup_epochs", 0, "Linear warm-up epochs (cosine schedule).", lower_bound=0)
+        "warmup_epochs", DEFAULTS["warmup_epochs"], "Linear warm-up epochs (cosine schedule).", lower_bound=0)
     flags.DEFINE_list(
-        "step_milestones", ["0.5", "0.75"],
+        "step_milestones", [str(m) for m in DEFAULTS["step_milestones"]],
         "Step schedule: fractions of --epochs at which the rate is multiplied by "
         "--step_factor (the authors' CIFAR code: 0.5,0.75 of 300 epochs).")
-    flags.DEFINE_float("step_factor", 0.1, "Step schedule factor.")
+    flags.DEFINE_float("step_factor", DEFAULTS["step_factor"], "Step schedule factor.")
 
     # Run.
-    flags.DEFINE_string(
-        "model_dir", None, "Output directory: results.json, log.csv, tensorboard/, "
-        "best.keras, last.keras, backup/, maps/ (--dump_maps). Re-running with the same "
-        "directory resumes.",
-        required=True)
-    flags.register_validator(
-        "model_dir", lambda value: value is None or bool(value.strip()),
-        "--model_dir must not be empty")
-    flags.DEFINE_integer("seed", 0, "Random seed.", lower_bound=0)
+    command_line.define_run_dir_flag(
+        "Output directory: results.json, log.csv, tensorboard/, best.keras, last.keras, "
+        "backup/, maps/ (--dump_maps). Re-running with the same directory resumes.")
+    flags.DEFINE_integer("seed", DEFAULTS["seed"], "Random seed.", lower_bound=0)
     flags.DEFINE_integer(
-        "backup_every_steps", 0, "Also back up the training state into MODEL_DIR/backup/ "
+        "backup_every_steps", DEFAULTS["backup_every_steps"], "Also back up the training state into MODEL_DIR/backup/ "
         "every this many steps of an epoch (0: at the end of every epoch only); a re-run "
         "resumes at the step of the last backup.", lower_bound=0)
     flags.DEFINE_bool(
@@ -178,12 +171,12 @@ def define_flags(runner):
         "v, ux, vy, input, output) of test images 0-2 into MODEL_DIR/maps/ "
         "(python -m visualize.pde_maps draws others).")
     flags.DEFINE_bool(
-        "deterministic", False, "Deterministic TensorFlow ops (slower; TF backend).")
-    flags.DEFINE_bool("mixed_precision", False, "Train under the mixed_float16 policy.")
+        "deterministic", DEFAULTS["deterministic"], "Deterministic TensorFlow ops (slower; TF backend).")
+    flags.DEFINE_bool("mixed_precision", DEFAULTS["mixed_precision"], "Train under the mixed_float16 policy.")
     flags.DEFINE_enum(
-        "jit_compile", "auto", tuple(_JIT_COMPILE), "XLA compilation (Model.compile).")
+        "jit_compile", str(DEFAULTS["jit_compile"]).lower(), tuple(_JIT_COMPILE), "XLA compilation (Model.compile).")
     flags.DEFINE_enum(
-        "distribution", "none", training.DISTRIBUTIONS,
+        "distribution", DEFAULTS["distribution"], config.DISTRIBUTIONS,
         "Scale-out: none, mirrored (tf.distribute.MirroredStrategy over the local GPUs; "
         "TensorFlow backend) or data_parallel (keras.distribution.DataParallel; JAX "
         "backend).")
@@ -201,12 +194,12 @@ def _coefficient_epsilon(text):
 
 
 def config_from_flags(runner):
-    """The `pde_keras.training.Config` the parsed flags describe."""
+    """The `pde_keras.config.Config` the parsed flags describe."""
     if runner == "mnist":
         model, options = f"mnist_{FLAGS.backbone}", {"channels": FLAGS.channels}
     else:
         model, options = FLAGS.model, {}
-    for name in MODEL_OPTION_FLAGS:
+    for name in sorted(MODEL_OPTIONS - {"channels"}):
         if name in FLAGS and FLAGS[name].value is not None:
             options[name] = FLAGS[name].value
     if "coefficient_epsilon" in options:
@@ -217,11 +210,11 @@ def config_from_flags(runner):
         raise validation.invalid(
             "step_milestones", "comma-separated numbers",
             ",".join(FLAGS.step_milestones)) from None
-    return training.Config(
+    return config.Config(
         model=model, model_options=options, step_milestones=milestones,
-        jit_compile=_JIT_COMPILE[FLAGS.jit_compile],
-        **{name: FLAGS[name].value for name in CONFIG_FLAGS
-           if name != "data_dir"}, data_dir=FLAGS.data_dir or None,
+        jit_compile=_JIT_COMPILE[FLAGS.jit_compile], data_dir=FLAGS.data_dir or None,
+        **{name: FLAGS[name].value for name in DEFAULTS
+           if name in FLAGS and name not in _CONFIG_FIELDS_SET_APART},
     )
 
 
@@ -235,19 +228,37 @@ def train_from_flags(runner):
     128 + the signal's number (143, 130).
     """
     try:
-        config = config_from_flags(runner)
-        logging.info("Config: %s", config)
-        results = training.train_and_evaluate(config, FLAGS.model_dir, restart=FLAGS.restart)
-    except training.Interrupted as interruption:
+        run_config = config_from_flags(runner)
+        logging.info("Config: %s", run_config)
+        results = train(run_config, FLAGS.model_dir, restart=FLAGS.restart,
+                        dump_maps=FLAGS.dump_maps)
+    except backup.Interrupted as interruption:
         print(interruption, file=sys.stderr, flush=True)
         sys.exit(128 + interruption.signum)
-    except (ValueError, training.TrainingDivergedError, training.BackupError) as error:
+    except (ValueError, training.TrainingDivergedError, backup.BackupError) as error:
         logging.debug("Error details:", exc_info=True)
         sys.exit(f"error: {error}")
     except OSError as error:  # Writing: a full disk, a read-only directory.
         logging.debug("Error details:", exc_info=True)
         sys.exit(f"error: {write_error(error, FLAGS.model_dir)}")
-    print(summary(results, f"{FLAGS.model_dir.rstrip('/')}/results.json"))
+    print(summary(results, f"{FLAGS.model_dir.rstrip('/')}/{run_directory.RESULTS_FILE}"))
+    return results
+
+
+def train(run_config, model_dir, restart=False, dump_maps=False):
+    """`train_and_evaluate`, then with `dump_maps` the coefficient maps of the
+    final model for test images `map_figures.DUMP_INDICES` into
+    `model_dir/maps/image<i>/` (checked before training: the model must have
+    PDE layers)."""
+    if not isinstance(dump_maps, bool):
+        raise validation.invalid("dump_maps", "True or False", dump_maps)
+    if dump_maps:
+        from visualize import map_figures  # Late: matplotlib only for runs that draw.
+
+        map_figures.check_dump_maps(run_config)
+    results = training.train_and_evaluate(run_config, model_dir, restart=restart)
+    if dump_maps:
+        map_figures.dump_maps(model_dir)
     return results
 
 
@@ -255,8 +266,8 @@ def write_error(error, model_dir):
     """One line on an `OSError` while writing the outputs of a run in `model_dir`."""
     what = f"cannot write {error.filename!r}" if error.filename else "cannot write"
     reason = error.strerror or (str(error).strip().splitlines() or [repr(error)])[0]
-    backup = f"{model_dir.rstrip('/')}/{training.BACKUP_DIR}"
-    return (f"{what}: {reason}; the last complete backup (if any) is kept in {backup!r}: "
+    backup_dir = f"{model_dir.rstrip('/')}/{run_directory.BACKUP_DIR}"
+    return (f"{what}: {reason}; the last complete backup (if any) is kept in {backup_dir!r}: "
             "free space (or fix the directory) and re-run the same command to resume")
 
 
@@ -271,23 +282,12 @@ def summary(results, path):
     )
 
 
-def parse_flags(argv):
-    """absl flag parsing that reports a bad flag on one line of stderr."""
-    try:
-        rest = FLAGS(argv)
-    except flags.Error as error:
-        sys.exit(f"error: {str(error).splitlines()[0]} (see --helpfull)")
-    if len(rest) > 1:
-        sys.exit(f"error: unexpected arguments: {' '.join(rest[1:])}")
-    return rest
-
-
 def main(argv):
     """The runners' main: trains as the flags of the defined runner say."""
-    del argv  # Checked by parse_flags.
+    del argv  # Checked by command_line.parse_flags.
     train_from_flags(_RUNNER[-1])
 
 
 def run():
     """`absl.app.run(main)` with one-line flag errors."""
-    app.run(main, flags_parser=parse_flags)
+    command_line.run(main)

@@ -1,12 +1,13 @@
 """Trained runs for the figures: the saved model, its config, its test images.
 
-A run is a `model_dir` written by `pde_keras.training.train_and_evaluate`
+A run is a `model_dir` (`pde_keras.run_directory`) written by
+`pde_keras.training.train_and_evaluate`
 (`python -m experiments.mnist` / `experiments.cifar`): `config.json`,
 `last.keras` and `best.keras` (classifiers that take raw pixels 0-255 and
 normalise them inside), `log.csv`, `results.json`.
 
 The figures feed the model exactly as training evaluated it: the test
-images come from `pde_keras.training.load_splits` with the run's config
+images come from `pde_keras.input_pipeline.load_splits` with the run's config
 (the same seeded subset), and go through the saved model's own
 normalisation layer.
 
@@ -23,11 +24,10 @@ import pathlib
 import keras
 import numpy as np
 
-from pde_keras import inspection, training, validation
-from pde_keras.advection_diffusion import AdvectionDiffusion
-from pde_keras.inspection import pde_layers
+from pde_keras import config as config_module, inspection, input_pipeline, run_directory
+from pde_keras import validation
 
-CHECKPOINTS = ("last", "best")
+CHECKPOINTS = tuple(run_directory.CHECKPOINTS)
 WRITTEN_BY = "written by pde_keras.training (python -m experiments.mnist / experiments.cifar)"
 
 
@@ -50,26 +50,7 @@ class TestSplit:
     class_names: tuple
 
 
-@dataclasses.dataclass(frozen=True)
-class LayerMaps:
-    """The maps of one PDE layer for one image.
-
-    Attributes:
-        index: position among the model's PDE layers (0 = nearest the input).
-        name: the Keras layer name, e.g. `"stage1_global"` or `"pde"`.
-        kind: the layer's class name (`"GlobalLayer"`, `"AdvectionDiffusion"`).
-        maps: `{name: (height, width, channels) float32 array}`: every entry
-            of the layer's `coefficient_maps` for the image, plus `"input"`,
-            the layer's input (for `AdvectionDiffusion`: its source f).
-    """
-
-    index: int
-    name: str
-    kind: str
-    maps: dict
-
-
-class Run:
+class TrainedRun:
     """A trained model directory, loaded for figures.
 
     Args:
@@ -92,7 +73,7 @@ class Run:
         self.model_dir = pathlib.Path(model_dir)
         if not self.model_dir.is_dir():
             raise VisualizeError(f"Model directory {str(self.model_dir)!r} does not exist.")
-        self.model_path = self.model_dir / f"{checkpoint}.keras"
+        self.model_path = self.model_dir / run_directory.CHECKPOINTS[checkpoint]
         if not self.model_path.is_file():
             raise VisualizeError(
                 f"No model in {str(self.model_dir)!r}: expected {self.model_path.name}, "
@@ -109,7 +90,7 @@ class Run:
     @functools.cached_property
     def test_split(self):
         """The run's `TestSplit` (loaded on first use)."""
-        dataset, _, (images, labels) = training.load_splits(self.config)
+        dataset, _, (images, labels) = input_pipeline.load_splits(self.config)
         return TestSplit(images, labels, tuple(dataset.info.class_names))
 
     @property
@@ -148,18 +129,13 @@ def test_caption(index, label, class_names):
 
 def read_config(model_dir):
     """The config dict of a run: its `config.json` (else `results.json`'s copy)."""
-    model_dir = pathlib.Path(model_dir)
-    for name, key in (("config.json", None), ("results.json", "config")):
-        path = model_dir / name
-        if path.is_file():
-            try:
-                saved = training.read_json(path)
-            except training.UnreadableFileError as error:
-                raise VisualizeError(f"Cannot read {str(path)!r}: {error.reason}") from None
-            if key and not isinstance(saved.get(key), dict):
-                raise VisualizeError(f"Cannot read {str(path)!r}: it has no {key!r} object")
-            return saved[key] if key else saved
-    raise VisualizeError(f"No config.json in {str(model_dir)!r}: expected a run {WRITTEN_BY}.")
+    try:
+        return run_directory.read_config(model_dir)
+    except FileNotFoundError:
+        raise VisualizeError(
+            f"No config.json in {str(model_dir)!r}: expected a run {WRITTEN_BY}.") from None
+    except run_directory.UnreadableFileError as error:
+        raise VisualizeError(f"Cannot read {str(error.path)!r}: {error.reason}") from None
 
 
 def describe(config):
@@ -188,19 +164,19 @@ def labels_for(model_dirs, labels=None):
 
 
 def _config(saved, data_dir):
-    """The `pde_keras.training.Config` that loads the run's data here.
+    """The `pde_keras.config.Config` that loads the run's data here.
 
     Only data-related fields matter; distribution and mixed precision are
     reset so that a run trained on another backend or devices still loads,
     and nothing is downloaded.
     """
-    fields = {field.name for field in dataclasses.fields(training.Config)}
+    fields = config_module.defaults()
     options = {key: value for key, value in saved.items() if key in fields}
     options.update(distribution="none", mixed_precision=False, download=False)
     if data_dir is not None:
         options["data_dir"] = str(data_dir)
     try:
-        return training.Config(**options)
+        return config_module.Config(**options)
     except ValueError as error:
         raise VisualizeError(f"Cannot use the run's config: {validation.first_line(error)}") from None
 
@@ -221,7 +197,7 @@ def read_image(path, shape):
 
 def require_pde_layers(model, where):
     """`pde_layers(model)`, or a `VisualizeError` naming `where` if there are none."""
-    layers = pde_layers(model)
+    layers = inspection.pde_layers(model)
     if not layers:
         raise VisualizeError(
             f"The model {where} ({model.name}) has no PDE layers (GlobalLayer or "
@@ -230,52 +206,18 @@ def require_pde_layers(model, where):
 
 
 def layer_maps(model, image):
-    """The maps of every PDE layer of `model` for one image.
-
-    Args:
-        model: a model with PDE layers (e.g. a run's classifier).
-        image: `(height, width, channels)` pixels as the model takes them
-            (0-255 for a training classifier).
-
-    Returns:
-        A list of `LayerMaps`, input side first. Each layer's maps are
-        exactly its `coefficient_maps` of the input it gets in the model.
-    """
+    """`pde_keras.inspection.layer_maps`, or a `VisualizeError` without PDE layers."""
     require_pde_layers(model, repr(model.name))
-    result = []
-    batch = np.asarray(image)[None]
-    for index, (layer, layer_input) in enumerate(inspection.pde_layer_inputs(model, batch)):
-        maps = layer.coefficient_maps(layer_input)
-        maps = {name: _numpy(value) for name, value in maps.items()}
-        source = layer_input[0] if isinstance(layer, AdvectionDiffusion) else layer_input
-        maps["input"] = _numpy(source)
-        result.append(LayerMaps(index, layer.name, type(layer).__name__, maps))
-    return result
+    return inspection.layer_maps(model, image)
 
 
 def layer_outputs(model, image, names):
-    """The outputs of the layers `names` (of the model or its core) for one image.
-
-    Returns:
-        A list of `(height, width, channels)` float32 arrays, one per name.
-    """
-    names = list(names)
+    """`pde_keras.inspection.layer_outputs`, or a `VisualizeError` for a missing layer."""
     try:
-        preprocess, inner = inspection.locate(model, lambda layer: layer.name in names)
-    except LookupError:
-        inner = None
-    missing = [name for name in names
-               if inner is None or name not in [layer.name for layer in inner.layers]]
-    if missing:
-        raise VisualizeError(f"The model {model.name!r} has no layer {missing[0]!r}.")
-    outputs = inspection.run_to(inner, preprocess, np.asarray(image)[None],
-                                [inner.get_layer(name).output for name in names])
-    return [_numpy(output) for output in outputs]
-
-
-def _numpy(tensor):
-    """One example of a batch as a float32 NumPy array."""
-    return np.asarray(keras.ops.convert_to_numpy(tensor), dtype=np.float32)[0]
+        return inspection.layer_outputs(model, image, names)
+    except LookupError as missing:
+        raise VisualizeError(
+            f"The model {model.name!r} has no layer {missing.args[0]!r}.") from None
 
 
 def check_model_dirs(model_dirs, labels=None):

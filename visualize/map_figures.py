@@ -26,7 +26,8 @@ import pathlib
 
 import numpy as np
 
-from visualize import plots, runs
+from pde_keras import inspection, run_directory, validation
+from visualize import plots, trained_runs
 
 # Map name -> what it is (figure titles). u, v are the blog's g, g1.
 MAPS = {
@@ -46,7 +47,7 @@ OVERVIEW_TITLE_PX = 60
 # The test images `--dump_maps` draws at the end of training.
 DUMP_INDICES = (0, 1, 2)
 # The layers drawn (GlobalLayer, AdvectionDiffusion) of a model, input side first.
-pde_layers = runs.pde_layers
+pde_layers = inspection.pde_layers
 
 
 def overview_size(layers):
@@ -64,7 +65,7 @@ def map_figures(image, caption, layer):
     Args:
         image: the uint8 pixels the model was fed.
         caption: what the image is, e.g. `"test image 0 (cat)"`.
-        layer: a `visualize.runs.LayerMaps`.
+        layer: a `pde_keras.inspection.LayerMaps`.
 
     Yields:
         `(name, figure)` for each name of `MAPS`: a `matplotlib.figure.
@@ -128,10 +129,10 @@ def write_maps(model, image, out_dir, caption="image"):
         The paths written, sorted.
 
     Raises:
-        visualize.runs.VisualizeError: the model has no PDE layers.
+        visualize.trained_runs.VisualizeError: the model has no PDE layers.
     """
     out_dir = pathlib.Path(out_dir)
-    layers = runs.layer_maps(model, image)
+    layers = trained_runs.layer_maps(model, image)
     arrays = {"image": np.asarray(image, np.uint8),
               "layer_names": np.array([layer.name for layer in layers])}
     paths = []
@@ -150,7 +151,7 @@ def write_run_maps(model_dir, out_dir=None, image_index=0, image=None, checkpoin
     """`python -m visualize.pde_maps`: the maps of a trained run for one image.
 
     Args:
-        model_dir: a run directory (`visualize.runs.Run`).
+        model_dir: a run directory (`visualize.trained_runs.TrainedRun`).
         out_dir: output directory; default `model_dir/maps/image{image_index}`
             (or `model_dir/maps/<file stem>` for `image`).
         image_index: the test image (index into the run's test split).
@@ -161,28 +162,46 @@ def write_run_maps(model_dir, out_dir=None, image_index=0, image=None, checkpoin
     Returns:
         The paths written, sorted.
     """
-    run = runs.Run(model_dir, checkpoint, data_dir)
-    runs.require_pde_layers(run.model, f"in {str(run.model_path)!r}")
+    run = trained_runs.TrainedRun(model_dir, checkpoint, data_dir)
+    trained_runs.require_pde_layers(run.model, f"in {str(run.model_path)!r}")
     pixels, caption = run.image(image_index, image)
     if out_dir is None:
         stem = pathlib.Path(image).stem if image is not None else f"image{image_index}"
-        out_dir = run.model_dir / "maps" / stem
+        out_dir = run.model_dir / run_directory.MAPS_DIR / stem
     return write_maps(run.model, pixels, out_dir, caption)
 
 
-def dump_maps(model, images, labels, class_names, out_dir, indices=DUMP_INDICES):
-    """Writes the maps of the test images `indices` to `out_dir/image{i}/`.
+def check_dump_maps(config):
+    """Raises the `dump_maps` ValueError when `config`'s model has no PDE layers.
 
-    Called at the end of training (`Config.dump_maps`, the runners'
-    `--dump_maps`). Indices beyond the test split are skipped.
+    The runners call it before training, so that `--dump_maps` on such a
+    model stops before anything is trained or written.
+    """
+    import pde_keras
+
+    core = pde_keras.models.create(config.model, **config.model_options)
+    if not inspection.pde_layers(core):
+        raise validation.invalid(
+            "dump_maps", f"False for model {config.model!r}, which has no PDE layers "
+            "(GlobalLayer, AdvectionDiffusion)", True)
+
+
+def dump_maps(model_dir, indices=DUMP_INDICES, checkpoint="last"):
+    """Writes the maps of the test images `indices` to `model_dir/maps/image{i}/`.
+
+    Called after training by the runners' `--dump_maps`. Indices beyond
+    the test split are skipped.
 
     Returns:
         The paths written, sorted.
     """
-    out_dir = pathlib.Path(out_dir)
+    run = trained_runs.TrainedRun(model_dir, checkpoint)
+    trained_runs.require_pde_layers(run.model, f"in {str(run.model_path)!r}")
+    split = run.test_split
     paths = []
     for index in indices:
-        if index < len(images):
-            caption = runs.test_caption(index, labels[index], class_names)
-            paths += write_maps(model, images[index], out_dir / f"image{index}", caption)
+        if index < len(split.labels):
+            pixels, caption = run.image(index)
+            out_dir = run.model_dir / run_directory.MAPS_DIR / f"image{index}"
+            paths += write_maps(run.model, pixels, out_dir, caption)
     return sorted(paths)

@@ -11,7 +11,8 @@ panel has its own colour bar.
 """
 
 from pde_keras.advection_diffusion import AdvectionDiffusion
-from visualize import plots, runs
+from pde_keras import inspection
+from visualize import plots, trained_runs
 
 FEATURE_LAYER = "output_relu"
 PANEL_PX = (280, 340)
@@ -30,18 +31,18 @@ def run_panels(run, image, label=None):
     velocity map u (= v).
     """
     try:
-        (features,) = runs.layer_outputs(run.model, image, [FEATURE_LAYER])
-    except runs.VisualizeError:
-        raise runs.VisualizeError(
+        (features,) = trained_runs.layer_outputs(run.model, image, [FEATURE_LAYER])
+    except trained_runs.VisualizeError:
+        raise trained_runs.VisualizeError(
             f"The model in {str(run.model_path)!r} ({run.model.name}) has no layer "
             f"{FEATURE_LAYER!r}: expected an MNIST illustrative net (mnist_conv, "
             "mnist_residual, mnist_pde).") from None
     name = label or _BACKBONES.get(run.saved_config.get("model"), run.model.name)
-    pde = [layer for layer in runs.pde_layers(run.model) if isinstance(layer, AdvectionDiffusion)]
+    pde = [layer for layer in inspection.pde_layers(run.model) if isinstance(layer, AdvectionDiffusion)]
     if not pde:
         return [(f"{name} feature map", features)]
     detail = "" if label else f"\n{_diffusivity(pde[0])}"
-    velocity = next(maps.maps["u"] for maps in runs.layer_maps(run.model, image)
+    velocity = next(maps.maps["u"] for maps in trained_runs.layer_maps(run.model, image)
                     if maps.name == pde[0].name)
     return [(f"{name} feature map{detail}", features),
             (f"{name} velocity map (u = v){detail}", velocity)]
@@ -78,11 +79,11 @@ def write_figure2(model_dirs, out, labels=None, image_index=0, image=None,
     Returns:
         The path written.
     """
-    runs.check_model_dirs(model_dirs, labels)
-    loaded = [runs.Run(model_dir, checkpoint, data_dir) for model_dir in model_dirs]
+    trained_runs.check_model_dirs(model_dirs, labels)
+    loaded = [trained_runs.TrainedRun(model_dir, checkpoint, data_dir) for model_dir in model_dirs]
     shapes = {run.image_shape for run in loaded}
     if len(shapes) > 1:
-        raise runs.VisualizeError(
+        raise trained_runs.VisualizeError(
             "The models take images of different shapes "
             f"({', '.join(str(shape) for shape in sorted(shapes))}): expected runs on one "
             "dataset.")

@@ -3,17 +3,15 @@
 `define_flags(command)` defines the flags of `python -m visualize.<command>`
 (`pde_maps`, `mnist_features`, `confusion`, `curves`); `run(draw)` is the
 command's `absl.app.run`: flag errors (parsed as the runners parse theirs,
-`experiments.flags.parse_flags`) and every `ValueError` the drawing
+`pde_keras.command_line.parse_flags`) and every `ValueError` the drawing
 raises (a directory without a model, an image index out of range, ...)
 end the program with one line `error: ...` on stderr and exit status 1.
 """
 
-import sys
+from absl import flags
 
-from absl import app, flags
-
-from experiments import flags as runner_flags
-from visualize import evaluation, runs
+from pde_keras import command_line
+from visualize import evaluation_figures, trained_runs
 
 FLAGS = flags.FLAGS
 COMMANDS = ("pde_maps", "mnist_features", "confusion", "curves")
@@ -24,12 +22,9 @@ def define_flags(command):
     if command not in COMMANDS:
         raise ValueError(f"command must be one of {COMMANDS}, got {command!r}")
     if command == "pde_maps":
-        flags.DEFINE_string(
-            "model_dir", None, "A run directory of python -m experiments.mnist / "
-            "experiments.cifar (config.json, last.keras, best.keras).", required=True)
-        flags.register_validator(
-            "model_dir", lambda value: value is None or bool(value.strip()),
-            "--model_dir must not be empty")
+        command_line.define_run_dir_flag(
+            "A run directory of python -m experiments.mnist / experiments.cifar (config.json, "
+            "last.keras, best.keras).")
     else:
         flags.DEFINE_list(
             "model_dirs", None, "Comma-separated run directories of python -m "
@@ -39,7 +34,7 @@ def define_flags(command):
             "(default: each run's model and options).")
     if command != "curves":
         flags.DEFINE_enum(
-            "checkpoint", "last", runs.CHECKPOINTS,
+            "checkpoint", "last", trained_runs.CHECKPOINTS,
             "Which saved model: last (the final model of results.json) or best (best "
             "per-epoch test accuracy).")
         flags.DEFINE_string(
@@ -60,7 +55,7 @@ def define_flags(command):
         flags.DEFINE_string("out", None, "The PNG to write.", required=True)
     if command == "confusion":
         flags.DEFINE_list(
-            "pair", [str(c) for c in evaluation.DEFAULT_PAIR],
+            "pair", [str(c) for c in evaluation_figures.DEFAULT_PAIR],
             "The two classes whose confusion is counted (the paper's 3 and 5; for "
             "CIFAR-10 those are cat and dog).")
         flags.DEFINE_integer("batch_size", 256, "Prediction batch size.", lower_bound=1)
@@ -68,12 +63,4 @@ def define_flags(command):
 
 def run(draw):
     """Runs `draw()` (it reads FLAGS) as the program, with one-line errors."""
-
-    def main(argv):
-        del argv  # Checked by runner_flags.parse_flags.
-        try:
-            draw()
-        except ValueError as error:
-            sys.exit(f"error: {error}")
-
-    app.run(main, flags_parser=runner_flags.parse_flags)
+    command_line.run_reporting_errors(draw)

@@ -18,7 +18,8 @@ import time
 import keras
 import pytest
 
-from pde_keras import training
+from pde_keras import backup as backup_module
+from pde_keras import run_directory, training
 from test_runners import ROOT, _driver, _env, _failed_with, _runner, _succeeded
 
 # One epoch of 128 steps of 32 synthetic digits, a backup every 50 steps (the
@@ -89,7 +90,7 @@ def _resumed(workdir, *extra):
     results = _succeeded(_runner("mnist", *RUN, *extra, f"--model_dir={workdir}"), workdir)
     assert results["epochs"] == 1
     # Epoch 0 logged once, or twice when killed between its log row and its backup.
-    assert set(training.read_log(workdir / "log.csv")["epoch"]) == {0}
+    assert set(run_directory.read_log(workdir / "log.csv")["epoch"]) == {0}
     assert not (workdir / "backup").exists()
     return results
 
@@ -160,7 +161,7 @@ def test_truncated_latest_metadata_falls_back_to_the_previous(interrupted, tmp_p
     latest, previous = reversed(_backups(workdir))
     metadata = workdir / "backup" / latest / "training_metadata.json"
     metadata.write_text(metadata.read_text()[:5])
-    assert [backup.path.name for backup in training.find_backups(workdir)] == [previous]
+    assert [backup.path.name for backup in backup_module.find_backups(workdir)] == [previous]
 
 
 def test_every_backup_truncated_exits_1_and_restart_trains_from_scratch(
@@ -209,7 +210,7 @@ def test_garbled_run_file_on_resume_is_one_line(interrupted, tmp_path, name, tex
 # Raises ENOSPC from the writer of `target` (a prelude for _driver).
 _FULL_DISK = """
 import errno, keras
-from pde_keras import training
+from pde_keras import run_directory
 
 def full(path):
     raise OSError(errno.ENOSPC, "No space left on device", str(path))
@@ -226,8 +227,8 @@ if TARGET == "backup":  # The second backup (step 10).
 elif TARGET == "checkpoint":  # last.keras at the end of the epoch.
     keras.Model.save = lambda self, filepath, *args, **kwargs: full(filepath)
 else:
-    write_text = training.write_text
-    training.write_text = lambda path, text: (
+    write_text = run_directory.write_text
+    run_directory.write_text = lambda path, text: (
         full(path) if path.name == "results.json" else write_text(path, text))
 """
 
@@ -251,7 +252,7 @@ def test_full_disk_is_one_line_and_keeps_the_backup(tmp_path, target, kept):
         "command to resume"), line
     assert _backups(tmp_path) == kept
     assert not list((tmp_path / "backup").glob(".incomplete-*"))
-    assert [backup.error() for backup in training.find_backups(tmp_path)] == [None] * len(kept)
+    assert [backup.error() for backup in backup_module.find_backups(tmp_path)] == [None] * len(kept)
     if target == "results":  # Nothing finished is lost: the re-run only evaluates.
         results = _succeeded(_runner("mnist", *SHORT_RUN, f"--model_dir={tmp_path}"),
                              tmp_path)
@@ -341,23 +342,23 @@ class _PreviousFormatBackup(keras.callbacks.BackupAndRestore):
 def test_resumes_from_a_backup_of_the_previous_format(tmp_path, monkeypatch):
     config = training.Config(**TINY, epochs=3)
     with monkeypatch.context() as patch:
-        patch.setattr(training, "_BackupAndRestore", _PreviousFormatBackup)
+        patch.setattr(backup_module, "BackupAndRestore", _PreviousFormatBackup)
         with pytest.raises(_Stop):
             training.train_and_evaluate(config, tmp_path, callbacks=[_StopAt(2)])
     backup = tmp_path / "backup"
     assert sorted(path.name for path in backup.iterdir()) == [
         "latest.weights.h5", "latest.weights.h5.bkp", "training_metadata.json",
         "training_metadata.json.bkp"]
-    assert [(b.epoch, b.step) for b in training.find_backups(tmp_path)] == [(2, 0), (1, 0)]
+    assert [(b.epoch, b.step) for b in backup_module.find_backups(tmp_path)] == [(2, 0), (1, 0)]
 
     # A truncated latest falls back to the `.bkp` copy.
     copy = tmp_path / "copy"
     shutil.copytree(tmp_path, copy)
     weights = copy / "backup" / "latest.weights.h5"
     weights.write_bytes(weights.read_bytes()[:64])
-    assert [(b.epoch, b.step) for b in training.find_backups(copy)] == [(1, 0)]
+    assert [(b.epoch, b.step) for b in backup_module.find_backups(copy)] == [(1, 0)]
 
     results = training.train_and_evaluate(config, tmp_path)
     assert (results["resumed_from_epoch"], results["epochs"]) == (2, 3)
-    assert training.read_log(tmp_path / "log.csv")["epoch"] == [0.0, 1.0, 2.0]
+    assert run_directory.read_log(tmp_path / "log.csv")["epoch"] == [0.0, 1.0, 2.0]
     assert not backup.exists()

@@ -1,8 +1,8 @@
-"""Confusion matrices and training curves of trained runs.
+"""Confusion matrices and training curves of trained trained_runs.
 
 Confusion matrices (`python -m visualize.confusion`): each run's model
 predicts its test split (the seeded subset training evaluated on, fed by
-`pde_keras.training.make_dataset` as in training), rows are the true class,
+`pde_keras.input_pipeline.make_dataset` as in training), rows are the true class,
 columns the predicted one; cells are coloured by the fraction of the true
 class and annotated with counts. The paper's 3<->5 confusion (any pair of
 classes: for CIFAR-10, 3 and 5 are cat and dog) is counted as the 3s
@@ -20,8 +20,8 @@ import pathlib
 import numpy as np
 from matplotlib.ticker import MaxNLocator
 
-from pde_keras import training, validation
-from visualize import plots, runs
+from pde_keras import evaluation, run_directory, validation
+from visualize import plots, trained_runs
 
 CONFUSION_PANEL_PX = (560, 520)
 CURVES_PX = (1200, 460)
@@ -65,7 +65,7 @@ def check_pair(pair, num_classes):
         first = second = None
     if first is None or first == second or not (
             0 <= first < num_classes and 0 <= second < num_classes):
-        raise runs.VisualizeError(str(validation.invalid(
+        raise trained_runs.VisualizeError(str(validation.invalid(
             "pair", f"two different class indices in [0, {num_classes - 1}]",
             ",".join(str(value) for value in pair) if isinstance(pair, (list, tuple))
             else pair)))
@@ -115,7 +115,7 @@ def confusion_figure(panels, class_names, pair):
 
 def write_confusion(model_dirs, out, labels=None, pair=DEFAULT_PAIR, checkpoint="last",
                     data_dir=None, batch_size=256):
-    """`python -m visualize.confusion`: the confusion matrices of runs.
+    """`python -m visualize.confusion`: the confusion matrices of trained_runs.
 
     Writes `out` (PNG) and beside it the same name with `.json`: per run
     its label, model directory, checkpoint, accuracy, test examples, the
@@ -124,7 +124,7 @@ def write_confusion(model_dirs, out, labels=None, pair=DEFAULT_PAIR, checkpoint=
     Args:
         model_dirs: run directories (one panel each).
         out: the PNG to write.
-        labels: optional names of the runs.
+        labels: optional names of the trained_runs.
         pair: the two classes whose confusion is counted (the paper's 3, 5).
         checkpoint: `"last"` or `"best"`.
         data_dir: where the runs' data is now, if it moved.
@@ -134,20 +134,20 @@ def write_confusion(model_dirs, out, labels=None, pair=DEFAULT_PAIR, checkpoint=
         `(png_path, json_path, lines)`, `lines` one summary line per run
         (`pair_summary`).
     """
-    runs.check_model_dirs(model_dirs, labels)
-    labels = runs.labels_for(model_dirs, labels)
-    loaded = [runs.Run(model_dir, checkpoint, data_dir) for model_dir in model_dirs]
+    trained_runs.check_model_dirs(model_dirs, labels)
+    labels = trained_runs.labels_for(model_dirs, labels)
+    loaded = [trained_runs.TrainedRun(model_dir, checkpoint, data_dir) for model_dir in model_dirs]
     class_names = loaded[0].test_split.class_names
     pair = check_pair(pair, len(class_names))
     report, panels, lines = {}, [], []
     for label, run in zip(labels, loaded):
         split = run.test_split
         if split.class_names != class_names:
-            raise runs.VisualizeError(
+            raise trained_runs.VisualizeError(
                 f"The runs have different classes ({str(run.model_dir)!r}: "
                 f"{len(split.class_names)} classes): expected runs on one dataset.")
-        predictions = training.predict_classes(run.model, split.images, batch_size)
-        matrix = training.confusion_matrix(split.labels, predictions, len(class_names))
+        predictions = evaluation.predict_classes(run.model, split.images, batch_size)
+        matrix = evaluation.confusion_matrix(split.labels, predictions, len(class_names))
         entry = {
             "model_dir": str(run.model_dir),
             "checkpoint": run.model_path.name,
@@ -163,7 +163,7 @@ def write_confusion(model_dirs, out, labels=None, pair=DEFAULT_PAIR, checkpoint=
                        f"{entry['pair']['total']} ({entry['pair']['percent']:.2f}%)", matrix))
     out = plots.save(confusion_figure(panels, class_names, pair), out)
     report_path = out.with_suffix(".json")
-    training.write_json(report_path, {"class_names": list(class_names), "runs": report})
+    run_directory.write_json(report_path, {"class_names": list(class_names), "runs": report})
     return out, report_path, lines
 
 
@@ -180,27 +180,22 @@ def _cell_outline(row, column):
 def read_log(model_dir):
     """A run's `log.csv` as `{column: float array}`, one row per epoch (1-based `epoch`).
 
-    A resumed run may log an epoch twice; the last row counts.
+    A resumed run may log an epoch twice; the last row counts
+    (`pde_keras.run_directory.epoch_log`). Missing values are NaN.
     """
-    path = pathlib.Path(model_dir) / "log.csv"
+    path = pathlib.Path(model_dir) / run_directory.LOG_FILE
     if not path.is_file():
-        raise runs.VisualizeError(
-            f"No training log in {str(path.parent)!r}: expected log.csv, {runs.WRITTEN_BY}.")
+        raise trained_runs.VisualizeError(
+            f"No training log in {str(path.parent)!r}: expected {path.name}, "
+            f"{trained_runs.WRITTEN_BY}.")
     try:
-        columns = training.read_log(path)
-    except training.UnreadableFileError as error:
-        raise runs.VisualizeError(f"Cannot read {str(path)!r}: {error.reason}") from None
-    # The last row of each epoch (a resumed run may repeat one).
-    rows = {int(epoch): index for index, epoch in enumerate(columns.get("epoch", []))
-            if epoch is not None}
-    if not rows:
-        raise runs.VisualizeError(f"The training log {str(path)!r} has no epochs yet.")
-    epochs = sorted(rows)
-    log = {name: np.array([np.nan if values[rows[e]] is None else values[rows[e]]
-                           for e in epochs])
-           for name, values in columns.items() if name != "epoch"}
-    log["epoch"] = np.array(epochs) + 1
-    return log
+        columns = run_directory.epoch_log(path)
+    except run_directory.UnreadableFileError as error:
+        raise trained_runs.VisualizeError(f"Cannot read {str(path)!r}: {error.reason}") from None
+    if not columns:
+        raise trained_runs.VisualizeError(f"The training log {str(path)!r} has no epochs yet.")
+    return {name: np.array([np.nan if value is None else value for value in values])
+            for name, values in columns.items()}
 
 
 def curves_figure(logs):
@@ -264,8 +259,8 @@ def write_curves(model_dirs, out, labels=None):
     Returns:
         The path written.
     """
-    runs.check_model_dirs(model_dirs, labels)
-    labels = runs.labels_for(model_dirs, labels)
+    trained_runs.check_model_dirs(model_dirs, labels)
+    labels = trained_runs.labels_for(model_dirs, labels)
     logs = [(label, read_log(model_dir)) for label, model_dir in zip(labels, model_dirs)]
     return plots.save(curves_figure(logs), out)
 

@@ -315,7 +315,7 @@ class GlobalLayer(HasLayerOptions, keras.layers.Layer):
             self.build(tuple(inputs.shape))
         output, initial, solution, maps, pre_activation = self._run(inputs, training)
         like = ops.cast(solution, "float32")
-        full = {name: solver._full(value, like) for name, value in maps.items()}
+        full = {name: solver.broadcast_like(value, like) for name, value in maps.items()}
         result = {
             "initial": ops.cast(initial, "float32"),
             "solution": like,

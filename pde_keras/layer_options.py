@@ -118,23 +118,18 @@ class LayerOptions:
             dtype=dtype, name=name)
 
 
+def _setting(name):
+    """A read-only property: the layer's `layer_options.<name>`."""
+    return property(lambda layer: getattr(layer.layer_options, name),
+                    doc=f"The layer's `{name}` (kept in `layer_options`).")
+
+
 class HasLayerOptions:
     """For a layer whose `layer_options` (a `LayerOptions`) hold its settings:
     reads the four of them under their argument names, e.g.
     `layer.batchnorm_momentum`, as Keras layers keep their arguments."""
 
-    @property
-    def kernel_initializer(self):
-        return self.layer_options.kernel_initializer
-
-    @property
-    def kernel_regularizer(self):
-        return self.layer_options.kernel_regularizer
-
-    @property
-    def batchnorm_momentum(self):
-        return self.layer_options.batchnorm_momentum
-
-    @property
-    def batchnorm_epsilon(self):
-        return self.layer_options.batchnorm_epsilon
+    kernel_initializer = _setting("kernel_initializer")
+    kernel_regularizer = _setting("kernel_regularizer")
+    batchnorm_momentum = _setting("batchnorm_momentum")
+    batchnorm_epsilon = _setting("batchnorm_epsilon")

@@ -159,8 +159,8 @@ def broadcast_like(value, like):
         like: the tensor whose shape and dtype the result takes.
 
     Returns:
-        `value` cast to `like.dtype` (itself when already of `like`'s known
-        shape), else `zeros_like(like) + value`.
+        `value` cast to `like.dtype`, broadcast by `zeros_like(like) + value`
+        unless it already has `like`'s (fully known) shape.
     """
     value = ops.cast(value, like.dtype)
     if tuple(value.shape) == tuple(like.shape) and None not in tuple(like.shape):

@@ -120,8 +120,8 @@ class AdvectionDiffusion(keras.layers.Layer):
             raise validation.invalid(
                 "inputs", "a list [source, velocity] of two tensors", type(inputs).__name__)
         source, velocity, diffusivity, solution = self._run(inputs)
-        diffusivity = solver._full(diffusivity, source)
-        velocity = solver._full(velocity, source)
+        diffusivity = solver.broadcast_like(diffusivity, source)
+        velocity = solver.broadcast_like(velocity, source)
         return {
             "Dx": diffusivity,
             "Dy": diffusivity,

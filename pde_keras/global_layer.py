@@ -4,6 +4,8 @@ import keras
 from keras import layers, ops
 
 from pde_keras import fused_solver, solver, validation
+from pde_keras.layer_options import (BATCHNORM_EPSILON, BATCHNORM_MOMENTUM, KERNEL_INITIALIZER,
+                                     KERNEL_REGULARIZER, HasLayerOptions, LayerOptions)
 from pde_keras.residual_block import BasicResidualBlock
 
 DIFFUSIVITIES = ("depthwise", "constant", "perona_malik", "residual", "zero")
@@ -17,7 +19,7 @@ CHANNELS = "channels"
 
 
 @keras.saving.register_keras_serializable(package="pde_keras")
-class GlobalLayer(keras.layers.Layer):
+class GlobalLayer(HasLayerOptions, keras.layers.Layer):
     """PDE-constrained feature layer of Kag & Saligrama (CVPR 2022).
 
     The layer runs K steps of the discretised advection-diffusion equation
@@ -81,6 +83,11 @@ class GlobalLayer(keras.layers.Layer):
             ResNet32-Global blows up early in training (test loss 1e3-1e27).
         **kwargs: base `Layer` arguments (`name`, `dtype`, ...).
 
+    The four convolution and batch-norm settings (`kernel_initializer` to
+    `batchnorm_epsilon`) are checked and kept as one
+    `pde_keras.layer_options.LayerOptions`, `layer_options`, which also
+    makes the sub-layers.
+
     Under a mixed-precision policy the sub-layers run in the compute dtype
     and the solver in float32: the K steps accumulate products of
     coefficient maps, which float16 resolves too coarsely.
@@ -120,8 +127,8 @@ class GlobalLayer(keras.layers.Layer):
     def __init__(self, steps=5, dt=0.2, dx=1.0, dy=1.0, boundary="periodic",
                  diffusivity="depthwise", velocity="depthwise", init="identity",
                  diffusivity_constant=1.0, perona_malik_lambda=2.0,
-                 kernel_initializer="he_normal", kernel_regularizer=None,
-                 batchnorm_momentum=0.9, batchnorm_epsilon=1e-5,
+                 kernel_initializer=KERNEL_INITIALIZER, kernel_regularizer=KERNEL_REGULARIZER,
+                 batchnorm_momentum=BATCHNORM_MOMENTUM, batchnorm_epsilon=BATCHNORM_EPSILON,
                  coefficient_epsilon=CHANNELS, **kwargs):
         super().__init__(**kwargs)
         self.steps = validation.check_positive_int("steps", steps)
@@ -136,12 +143,8 @@ class GlobalLayer(keras.layers.Layer):
             "diffusivity_constant", diffusivity_constant, non_negative=True)
         self.perona_malik_lambda = validation.check_float(
             "perona_malik_lambda", perona_malik_lambda, positive=True)
-        self.kernel_initializer = keras.initializers.get(kernel_initializer)
-        self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
-        self.batchnorm_momentum = validation.check_float(
-            "batchnorm_momentum", batchnorm_momentum, non_negative=True, below_one=True)
-        self.batchnorm_epsilon = validation.check_float(
-            "batchnorm_epsilon", batchnorm_epsilon, positive=True)
+        self.layer_options = LayerOptions.resolved(
+            kernel_initializer, kernel_regularizer, batchnorm_momentum, batchnorm_epsilon)
         if coefficient_epsilon != CHANNELS:
             try:
                 coefficient_epsilon = validation.check_float(
@@ -154,17 +157,11 @@ class GlobalLayer(keras.layers.Layer):
     # -- construction -----------------------------------------------------
 
     def _norm(self, name, epsilon=None):
-        return layers.BatchNormalization(
-            momentum=self.batchnorm_momentum, epsilon=self.batchnorm_epsilon if epsilon is None else epsilon,
-            dtype=self.dtype_policy, name=name)
+        return self.layer_options.norm(name, epsilon, dtype=self.dtype_policy)
 
     def _residual_block(self, name):
-        return BasicResidualBlock(
-            kernel_initializer=self.kernel_initializer,
-            kernel_regularizer=self.kernel_regularizer,
-            batchnorm_momentum=self.batchnorm_momentum,
-            batchnorm_epsilon=self.batchnorm_epsilon,
-            dtype=self.dtype_policy, name=name)
+        return BasicResidualBlock(**self.layer_options.as_dict(), dtype=self.dtype_policy,
+                                  name=name)
 
     def _branch(self, kind, map_name, epsilon):
         """The sub-layers that predict one map alone, before its ReLU.
@@ -197,11 +194,8 @@ class GlobalLayer(keras.layers.Layer):
         kinds.update({name: self.diffusivity for name in _DIFFUSIVITY_MAPS})
         self.depthwise_maps = tuple(n for n, kind in kinds.items() if kind == "depthwise")
         if self.depthwise_maps:
-            self.coefficient_conv = layers.DepthwiseConv2D(
-                3, padding="same", use_bias=False, depth_multiplier=len(self.depthwise_maps),
-                depthwise_initializer=self.kernel_initializer,
-                depthwise_regularizer=self.kernel_regularizer,
-                dtype=self.dtype_policy, name="coefficient_conv")
+            self.coefficient_conv = self.layer_options.depthwise_conv(
+                3, len(self.depthwise_maps), "coefficient_conv", dtype=self.dtype_policy)
             self.coefficient_conv.build(input_shape)
         epsilon = (float(input_shape[-1]) if self.coefficient_epsilon == CHANNELS
                    else self.coefficient_epsilon)
@@ -321,7 +315,7 @@ class GlobalLayer(keras.layers.Layer):
             self.build(tuple(inputs.shape))
         output, initial, solution, maps, pre_activation = self._run(inputs, training)
         like = ops.cast(solution, "float32")
-        full = {name: solver._full(value, like) for name, value in maps.items()}
+        full = {name: solver.broadcast_like(value, like) for name, value in maps.items()}
         result = {
             "initial": ops.cast(initial, "float32"),
             "solution": like,
@@ -349,10 +343,7 @@ class GlobalLayer(keras.layers.Layer):
             "init": self.init,
             "diffusivity_constant": self.diffusivity_constant,
             "perona_malik_lambda": self.perona_malik_lambda,
-            "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
-            "kernel_regularizer": keras.regularizers.serialize(self.kernel_regularizer),
-            "batchnorm_momentum": self.batchnorm_momentum,
-            "batchnorm_epsilon": self.batchnorm_epsilon,
+            **self.layer_options.get_config(),
             "coefficient_epsilon": self.coefficient_epsilon,
         })
         return config
@@ -362,5 +353,6 @@ class GlobalLayer(keras.layers.Layer):
         # Files saved before coefficient_epsilon existed (pde-keras 0.1.0)
         # used batchnorm_epsilon for every batch norm: they keep computing so.
         if "coefficient_epsilon" not in config:
-            config = {**config, "coefficient_epsilon": config.get("batchnorm_epsilon", 1e-5)}
+            epsilon = config.get("batchnorm_epsilon", BATCHNORM_EPSILON)
+            config = {**config, "coefficient_epsilon": epsilon}
         return super().from_config(config)

@@ -1,22 +1,31 @@
 """The basic residual block used inside the Global layer's branches."""
 
 import keras
-from keras import layers, ops
+from keras import ops
+
+from pde_keras.layer_options import (BATCHNORM_EPSILON, BATCHNORM_MOMENTUM, KERNEL_INITIALIZER,
+                                     KERNEL_REGULARIZER, HasLayerOptions, LayerOptions)
 
 
 @keras.saving.register_keras_serializable(package="pde_keras")
-class BasicResidualBlock(keras.layers.Layer):
+class BasicResidualBlock(HasLayerOptions, keras.layers.Layer):
     """conv3x3 -> BN -> ReLU -> conv3x3 -> BN, plus the input, -> ReLU.
 
     The block keeps the input's shape (stride 1, as many filters as input
     channels); its convolutions have no bias.
 
     Args:
-        kernel_initializer: initializer of both convolutions.
+        kernel_initializer: initializer of both convolutions. Defaults to
+            `"he_normal"`.
         kernel_regularizer: optional regularizer of both convolutions.
-        batchnorm_momentum: momentum of both batch normalisations.
-        batchnorm_epsilon: epsilon of both batch normalisations.
+        batchnorm_momentum: momentum of both batch normalisations, in
+            [0, 1). Defaults to 0.9.
+        batchnorm_epsilon: epsilon of both batch normalisations (> 0).
+            Defaults to 1e-5.
         **kwargs: base `Layer` arguments (`name`, `dtype`, ...).
+
+    The four settings are checked and kept as one
+    `pde_keras.layer_options.LayerOptions`, `layer_options`.
 
     Input shape:
         4D tensor `(batch, height, width, channels)`.
@@ -25,31 +34,20 @@ class BasicResidualBlock(keras.layers.Layer):
         Same as the input.
     """
 
-    def __init__(self, kernel_initializer="he_normal", kernel_regularizer=None,
-                 batchnorm_momentum=0.9, batchnorm_epsilon=1e-5, **kwargs):
+    def __init__(self, kernel_initializer=KERNEL_INITIALIZER,
+                 kernel_regularizer=KERNEL_REGULARIZER, batchnorm_momentum=BATCHNORM_MOMENTUM,
+                 batchnorm_epsilon=BATCHNORM_EPSILON, **kwargs):
         super().__init__(**kwargs)
-        self.kernel_initializer = keras.initializers.get(kernel_initializer)
-        self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
-        self.batchnorm_momentum = batchnorm_momentum
-        self.batchnorm_epsilon = batchnorm_epsilon
+        self.layer_options = LayerOptions.resolved(
+            kernel_initializer, kernel_regularizer, batchnorm_momentum, batchnorm_epsilon)
 
     def build(self, input_shape):
         channels = input_shape[-1]
-
-        def conv(name):
-            return layers.Conv2D(
-                channels, 3, padding="same", use_bias=False,
-                kernel_initializer=self.kernel_initializer,
-                kernel_regularizer=self.kernel_regularizer,
-                dtype=self.dtype_policy, name=name)
-
-        def norm(name):
-            return layers.BatchNormalization(
-                momentum=self.batchnorm_momentum, epsilon=self.batchnorm_epsilon,
-                dtype=self.dtype_policy, name=name)
-
-        self.conv1, self.bn1 = conv("conv1"), norm("bn1")
-        self.conv2, self.bn2 = conv("conv2"), norm("bn2")
+        options, dtype = self.layer_options, self.dtype_policy
+        self.conv1 = options.conv(channels, 3, "conv1", dtype=dtype)
+        self.bn1 = options.norm("bn1", dtype=dtype)
+        self.conv2 = options.conv(channels, 3, "conv2", dtype=dtype)
+        self.bn2 = options.norm("bn2", dtype=dtype)
         for layer in (self.conv1, self.bn1, self.conv2, self.bn2):
             layer.build(input_shape)
 
@@ -63,10 +61,5 @@ class BasicResidualBlock(keras.layers.Layer):
 
     def get_config(self):
         config = super().get_config()
-        config.update({
-            "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
-            "kernel_regularizer": keras.regularizers.serialize(self.kernel_regularizer),
-            "batchnorm_momentum": self.batchnorm_momentum,
-            "batchnorm_epsilon": self.batchnorm_epsilon,
-        })
+        config.update(self.layer_options.get_config())
         return config

@@ -146,11 +146,21 @@ def _check_pair(name, value):
     return value
 
 
-def _full(value, like):
-    """Broadcasts a scalar or broadcastable tensor to the shape of `like`.
+def broadcast_like(value, like):
+    """A coefficient as a full map: `value` broadcast to the shape and dtype of `like`.
 
     Needed before differencing: a velocity given as a scalar or a per-channel
-    tensor still has ghost cells (zero under `dirichlet`) at the edges.
+    tensor still has ghost cells (zero under `dirichlet`) at the edges. The
+    layers' `coefficient_maps` also fill in constant coefficients with it.
+
+    Args:
+        value: a python number or a tensor that broadcasts to `like`'s
+            shape (e.g. per channel, `(channels,)`).
+        like: the tensor whose shape and dtype the result takes.
+
+    Returns:
+        `value` cast to `like.dtype`, broadcast by `zeros_like(like) + value`
+        unless it already has `like`'s (fully known) shape.
     """
     value = ops.cast(value, like.dtype)
     if tuple(value.shape) == tuple(like.shape) and None not in tuple(like.shape):
@@ -167,7 +177,7 @@ def stencil_coefficients(diffusivity, velocity, like, dt=0.2, dx=1.0, dy=1.0,
     `source` (2 dt / L), and the velocity derivatives `ux`, `vy`.
     """
     d_x, d_y = diffusivity
-    u, v = _full(velocity[0], like), _full(velocity[1], like)
+    u, v = broadcast_like(velocity[0], like), broadcast_like(velocity[1], like)
     d_x, d_y = ops.cast(d_x, like.dtype), ops.cast(d_y, like.dtype)
     ux = central_difference(u, X_AXIS, dx, boundary)
     vy = central_difference(v, Y_AXIS, dy, boundary)
@@ -255,7 +265,7 @@ def solve_advection_diffusion(source, initial, diffusivity, velocity, steps,
             f"<tensor of shape {tuple(initial.shape)}>")
 
     if fused_solver.use_compiled(source.dtype):
-        d_x, d_y, u, v = (_full(value, source) for value in (*diffusivity, *velocity))
+        d_x, d_y, u, v = (broadcast_like(value, source) for value in (*diffusivity, *velocity))
         return fused_solver.solve(source, initial, (d_x, d_y), (u, v), steps,
                                   dt=dt, dx=dx, dy=dy, boundary=boundary,
                                   rectify=bool(rectify_coefficients))

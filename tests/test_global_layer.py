@@ -11,6 +11,8 @@ from keras import ops
 
 import numpy_reference as ref
 import pde_keras
+from layer_checks import (batchnorm, check_config_round_trip, check_keras_file_round_trip,
+                          raises_invalid, randomise_batchnorms, residual_block)
 from pde_keras.global_layer import DIFFUSIVITIES, INITS, VELOCITIES
 
 pytestmark = [pytest.mark.multibackend, pytest.mark.usefixtures("both_solver_paths")]
@@ -27,24 +29,6 @@ def _np(x):
     return ops.convert_to_numpy(x)
 
 
-def _randomise_batchnorms(layer, seed=1):
-    """Gives every BN non-trivial statistics so wiring mistakes show."""
-    rng = np.random.default_rng(seed)
-    for sub in layer._flatten_layers(include_self=False):
-        if isinstance(sub, keras.layers.BatchNormalization):
-            c = sub.gamma.shape[0]
-            sub.gamma.assign(rng.uniform(0.5, 1.5, c).astype("float32"))
-            sub.beta.assign(rng.uniform(-0.2, 0.2, c).astype("float32"))
-            sub.moving_mean.assign(rng.uniform(-0.2, 0.2, c).astype("float32"))
-            sub.moving_variance.assign(rng.uniform(0.5, 1.5, c).astype("float32"))
-
-
-def _bn(x, bn):
-    return ref.batchnorm_inference(
-        x, _np(bn.gamma), _np(bn.beta), _np(bn.moving_mean), _np(bn.moving_variance),
-        bn.epsilon)
-
-
 def _depthwise_map(layer, name, h0):
     """A depth-wise coefficient map before its ReLU, from the fused conv's weights.
 
@@ -53,7 +37,7 @@ def _depthwise_map(layer, name, h0):
     """
     j = layer.depthwise_maps.index(name)
     kernel = _np(layer.coefficient_conv.kernel)[..., j:j + 1]
-    return _bn(ref.depthwise_conv_same(h0, kernel), layer.branches[name][0])
+    return batchnorm(ref.depthwise_conv_same(h0, kernel), layer.branches[name][0])
 
 
 # -- numerics against the NumPy reference -----------------------------------
@@ -66,14 +50,14 @@ def test_default_layer_matches_numpy(boundary, steps):
     x = _inputs()
     layer = pde_keras.GlobalLayer(steps=steps, boundary=boundary)
     layer.build(x.shape)
-    _randomise_batchnorms(layer)
+    randomise_batchnorms(layer)
     coefficients = {}
     assert layer.depthwise_maps == ("u", "v", "Dx", "Dy")
     for name in layer.depthwise_maps:
         coefficients[name] = np.maximum(_depthwise_map(layer, name, x), 0.0)
     h = ref.solve(x, x, (coefficients["Dx"], coefficients["Dy"]),
                   (coefficients["u"], coefficients["v"]), steps, boundary=boundary)
-    expected = np.maximum(_bn(h, layer.output_bn), 0.0)
+    expected = np.maximum(batchnorm(h, layer.output_bn), 0.0)
     actual = _np(layer(x, training=False))
     np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-4)
 
@@ -84,13 +68,13 @@ def test_perona_malik_identity_velocity_matches_numpy(boundary):
     layer = pde_keras.GlobalLayer(steps=3, boundary=boundary, velocity="identity",
                                   diffusivity="perona_malik", perona_malik_lambda=1.5)
     layer.build(x.shape)
-    _randomise_batchnorms(layer)
-    u = np.maximum(_bn(x, layer.branches["u"][0]), 0.0)
-    v = np.maximum(_bn(x, layer.branches["v"][0]), 0.0)
+    randomise_batchnorms(layer)
+    u = np.maximum(batchnorm(x, layer.branches["u"][0]), 0.0)
+    v = np.maximum(batchnorm(x, layer.branches["v"][0]), 0.0)
     gx, gy = ref.sobel(x, boundary)
     d = 1.0 / (1.0 + (gx**2 + gy**2) / 1.5**2)
     h = ref.solve(x, x, (d, d), (u, v), 3, boundary=boundary)
-    expected = np.maximum(_bn(h, layer.output_bn), 0.0)
+    expected = np.maximum(batchnorm(h, layer.output_bn), 0.0)
     np.testing.assert_allclose(_np(layer(x)), expected, rtol=1e-4, atol=1e-4)
     maps = layer.coefficient_maps(x)
     np.testing.assert_allclose(_np(maps["Dx"]), d, rtol=1e-5, atol=1e-6)
@@ -112,12 +96,10 @@ def test_residual_init_feeds_the_solver_and_the_coefficients():
     layer = pde_keras.GlobalLayer(steps=2, init="residual", velocity="identity",
                                   diffusivity="constant")
     layer.build(x.shape)
-    _randomise_batchnorms(layer)
-    block = layer.init_block
-    h = np.maximum(_bn(ref.conv_same(x, _np(block.conv1.kernel)), block.bn1), 0.0)
-    h0 = np.maximum(_bn(ref.conv_same(h, _np(block.conv2.kernel)), block.bn2) + x, 0.0)
-    u = np.maximum(_bn(h0, layer.branches["u"][0]), 0.0)
-    v = np.maximum(_bn(h0, layer.branches["v"][0]), 0.0)
+    randomise_batchnorms(layer)
+    h0 = residual_block(x, layer.init_block)
+    u = np.maximum(batchnorm(h0, layer.branches["u"][0]), 0.0)
+    v = np.maximum(batchnorm(h0, layer.branches["v"][0]), 0.0)
     solution = ref.solve(x, h0, (1.0, 1.0), (u, v), 2)
     maps = layer.coefficient_maps(x)
     np.testing.assert_allclose(_np(maps["initial"]), h0, rtol=1e-4, atol=1e-4)
@@ -184,7 +166,7 @@ def test_periodic_translation_equivariance(options):
     x = _inputs()
     layer = pde_keras.GlobalLayer(**options)
     layer.build(x.shape)
-    _randomise_batchnorms(layer)
+    randomise_batchnorms(layer)
     rolled = np.roll(x, (2, 3), axis=(1, 2))
     np.testing.assert_allclose(_np(layer(rolled)), np.roll(_np(layer(x)), (2, 3), axis=(1, 2)),
                                rtol=1e-5, atol=1e-5)
@@ -225,11 +207,8 @@ def test_keras_file_round_trip(options, tmp_path):
     x = _inputs((2, 8, 8, 4))
     inputs = keras.Input((8, 8, 4))
     model = keras.Model(inputs, pde_keras.GlobalLayer(name="global", **options)(inputs))
-    _randomise_batchnorms(model.get_layer("global"))
-    path = tmp_path / "model.keras"
-    model.save(path)
-    loaded = keras.saving.load_model(path)
-    np.testing.assert_array_equal(_np(loaded(x)), _np(model(x)))
+    randomise_batchnorms(model.get_layer("global"))
+    loaded = check_keras_file_round_trip(model, x, tmp_path)
     config = model.get_layer("global").get_config()
     assert loaded.get_layer("global").get_config() == config
     for key, value in options.items():
@@ -237,10 +216,12 @@ def test_keras_file_round_trip(options, tmp_path):
 
 
 def test_config_round_trip_all_combinations():
+    x = _inputs((1, 5, 6, 2))
     for d, v, i in itertools.product(DIFFUSIVITIES, VELOCITIES, INITS):
         layer = pde_keras.GlobalLayer(diffusivity=d, velocity=v, init=i, steps=2)
-        clone = pde_keras.GlobalLayer.from_config(layer.get_config())
-        assert clone.get_config() == layer.get_config()
+        layer.build(x.shape)
+        randomise_batchnorms(layer)
+        check_config_round_trip(layer, x)
 
 
 @pytest.mark.parametrize("options", [{}, {"diffusivity": "perona_malik"}])
@@ -248,7 +229,7 @@ def test_mixed_precision_matches_float32(options):
     x = _inputs((2, 8, 8, 4))
     reference = pde_keras.GlobalLayer(**options)
     reference.build(x.shape)
-    _randomise_batchnorms(reference)
+    randomise_batchnorms(reference)
     mixed = pde_keras.GlobalLayer(dtype="mixed_float16", **options)
     mixed.build(x.shape)
     mixed.set_weights(reference.get_weights())
@@ -311,7 +292,7 @@ def test_coefficient_epsilon_acts_as_added_moving_variance(options):
     x = _inputs((2, 8, 8, 4))
     authors = pde_keras.GlobalLayer(**options)  # epsilon 4 in front of the ReLUs
     authors.build(x.shape)
-    _randomise_batchnorms(authors)
+    randomise_batchnorms(authors)
     uniform = pde_keras.GlobalLayer(coefficient_epsilon=EPS, **options)
     uniform.build(x.shape)
     uniform.set_weights(authors.get_weights())
@@ -365,9 +346,7 @@ def test_files_saved_before_coefficient_epsilon_compute_what_they_did():
     ("coefficient_epsilon", None, "'channels' or a positive finite number"),
 ])
 def test_bad_arguments(argument, value, expected):
-    message = (f"Invalid value for argument `{argument}`: expected {expected}. "
-               f"Received: {argument}={value!r}")
-    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+    with raises_invalid(argument, expected, value):
         pde_keras.GlobalLayer(**{argument: value})
 
 
@@ -387,7 +366,7 @@ def test_shared_depthwise_conv_serves_each_map(options, depthwise_maps):
     x = _inputs()
     layer = pde_keras.GlobalLayer(**options)
     layer.build(x.shape)
-    _randomise_batchnorms(layer)
+    randomise_batchnorms(layer)
     assert layer.depthwise_maps == depthwise_maps
     maps = layer.coefficient_maps(x)
     for name in depthwise_maps:

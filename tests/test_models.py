@@ -14,6 +14,7 @@ from keras import ops
 import architectures as arch
 import numpy_reference as ref
 import pde_keras
+from layer_checks import check_keras_file_round_trip, raises_invalid
 from pde_keras import models
 from pde_keras.global_layer import GlobalLayer
 
@@ -259,26 +260,15 @@ SAVED = [(name, {}) for name in MODEL_NAMES] + [
                          ids=[f"{n}-{'-'.join(map(str, o.values()))}" for n, o in SAVED])
 def test_keras_file_round_trip(build, name, options, tmp_path):
     model = build(name, **options)
-    x = _images(model)
-    path = tmp_path / f"{name}.keras"
-    model.save(path)
-    loaded = keras.saving.load_model(path)
-    assert loaded.name == model.name
-    assert [layer.name for layer in loaded.layers] == [layer.name for layer in model.layers]
-    np.testing.assert_array_equal(_np(loaded(x, training=False)), _np(model(x, training=False)))
+    check_keras_file_round_trip(model, _images(model), tmp_path)
 
 
 # -- errors -----------------------------------------------------------------------
 
 
-def _message(argument, expected, value):
-    return (f"Invalid value for argument `{argument}`: expected {expected}. "
-            f"Received: {argument}={value!r}")
-
-
 def test_unknown_name():
     allowed = ", ".join(repr(name) for name in MODEL_NAMES)
-    with pytest.raises(ValueError, match=f"^{re.escape(_message('name', f'one of {allowed}', 'resnet18'))}$"):
+    with raises_invalid("name", f"one of {allowed}", "resnet18"):
         models.create("resnet18")
 
 
@@ -289,9 +279,8 @@ def test_unknown_name():
 ])
 def test_unknown_option_lists_the_valid_ones(name, options, unknown):
     allowed = ", ".join(repr(option) for option in models.options(name))
-    expected = _message("options", f"keyword arguments of model {name!r} among {allowed}",
-                        unknown)
-    with pytest.raises(ValueError, match=f"^{re.escape(expected)}$"):
+    with raises_invalid("options", f"keyword arguments of model {name!r} among {allowed}",
+                        unknown):
         models.create(name, **options)
 
 
@@ -316,7 +305,7 @@ def test_valid_options_are_listed():
      "a finite number >= 0 below 1", 1.0),
 ])
 def test_bad_option_values(name, options, argument, expected, value):
-    with pytest.raises(ValueError, match=f"^{re.escape(_message(argument, expected, value))}$"):
+    with raises_invalid(argument, expected, value):
         models.create(name, **options)
 
 
@@ -324,47 +313,3 @@ def test_factories_check_options_when_called_directly():
     with pytest.raises(ValueError, match=re.escape("Received: options={'channels': 8}")):
         models.resnet.resnet32(channels=8)
     assert arch.trainable_params(pde_keras.models.mnist.mnist_conv(8)) == 4596
-
-
-def test_advection_diffusion_layer_inputs_and_config():
-    layer = pde_keras.AdvectionDiffusion(diffusivity="perona_malik", steps=2, dt=0.1)
-    assert pde_keras.AdvectionDiffusion.from_config(layer.get_config()).get_config() == (
-        layer.get_config())
-    with pytest.raises(ValueError, match=re.escape(
-            "AdvectionDiffusion expects a list [source, velocity] of two rank-4 tensors of "
-            "the same shape. Received: input_shape=(None, 8, 8, 2)")):
-        layer(keras.Input((8, 8, 2)))
-
-
-@pytest.mark.parametrize("diffusivity", ["constant", "perona_malik"])
-def test_advection_diffusion_coefficient_maps(diffusivity):
-    """The maps are the ones the solver used: u = v = g, D = 1 or Perona-Malik of f."""
-    rng = np.random.default_rng(3)
-    f, g = (rng.normal(size=(2, 7, 9, 3)).astype("float32") for _ in range(2))
-    layer = pde_keras.AdvectionDiffusion(diffusivity=diffusivity, steps=3, dx=0.5)
-    maps = {name: _np(value) for name, value in layer.coefficient_maps([f, g]).items()}
-    assert sorted(maps) == ["Dx", "Dy", "initial", "output", "solution", "u", "ux", "v", "vy"]
-    for name, value in maps.items():
-        assert value.shape == f.shape and value.dtype == np.float32, name
-    if diffusivity == "constant":
-        d = 1.0
-    else:  # lambda = 2
-        d = 1.0 / (1.0 + sum(np.square(s) for s in ref.sobel(f, "periodic")) / 4.0)
-    np.testing.assert_allclose(maps["Dx"], np.broadcast_to(d, f.shape), rtol=1e-5, atol=1e-6)
-    np.testing.assert_array_equal(maps["Dy"], maps["Dx"])
-    np.testing.assert_array_equal(maps["u"], g)
-    np.testing.assert_array_equal(maps["v"], g)
-    np.testing.assert_allclose(
-        maps["ux"], (ref.shift(g, 1, +1, "periodic") - ref.shift(g, 1, -1, "periodic")) / 1.0,
-        rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(
-        maps["vy"], (ref.shift(g, 2, +1, "periodic") - ref.shift(g, 2, -1, "periodic")) / 2.0,
-        rtol=1e-5, atol=1e-5)
-    np.testing.assert_array_equal(maps["initial"], f)
-    np.testing.assert_allclose(maps["solution"], ref.solve(f, f, (d, d), (g, g), 3, dx=0.5),
-                               rtol=1e-4, atol=1e-4)
-    np.testing.assert_array_equal(maps["output"], _np(layer([f, g])))
-    with pytest.raises(ValueError, match=re.escape(
-            "Invalid value for argument `inputs`: expected a list [source, velocity] of two "
-            "tensors. Received: inputs='ndarray'")):
-        layer.coefficient_maps(f)

@@ -323,6 +323,20 @@ def test_central_difference(boundary, axis):
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_broadcast_like_fills_in_scalars_and_per_channel_values():
+    like = keras.ops.convert_to_tensor(np.ones(SHAPE, np.float32))
+    np.testing.assert_array_equal(to_numpy(solver.broadcast_like(0.3, like)),
+                                  np.full(SHAPE, 0.3, np.float32))
+    per_channel = np.arange(SHAPE[-1], dtype=np.float64)
+    full = solver.broadcast_like(per_channel, like)
+    assert keras.backend.standardize_dtype(full.dtype) == "float32"
+    np.testing.assert_array_equal(to_numpy(full),
+                                  np.broadcast_to(per_channel, SHAPE).astype(np.float32))
+    field = keras.ops.convert_to_tensor(np.random.default_rng(12).standard_normal(SHAPE),
+                                        "float32")
+    np.testing.assert_array_equal(to_numpy(solver.broadcast_like(field, like)), to_numpy(field))
+
+
 @pytest.mark.parametrize("boundary", BOUNDARIES)
 def test_perona_malik_diffusivity_matches_sobel_reference(boundary):
     import numpy_reference as ref

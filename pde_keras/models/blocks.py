@@ -3,59 +3,17 @@
 Every model assembles its functional graph from these helpers, so all
 convolutions (no bias, `he_normal` by default) and batch normalisations
 (momentum 0.9, epsilon 1e-5: PyTorch's defaults in Keras' convention) of a
-model share one `LayerOptions`, and each layer gets a readable name
-`f"{name}_conv"`, `f"{name}_bn"`, ... for `model.summary()`.
+model share one `LayerOptions` (`pde_keras.layer_options`, re-exported
+here), and each layer gets a readable name `f"{name}_conv"`, `f"{name}_bn"`,
+... for `model.summary()`.
 """
 
 from keras import layers
 
 from pde_keras import validation
+from pde_keras.layer_options import LAYER_OPTIONS, LayerOptions
 
-# The options every factory accepts for all of its convolutions and batch
-# normalisations (the GlobalLayer accepts the same four).
-LAYER_OPTIONS = ("kernel_initializer", "kernel_regularizer", "batchnorm_momentum",
-                 "batchnorm_epsilon")
-
-
-class LayerOptions:
-    """Initializer, regularizer and batch-norm settings of one model.
-
-    Args:
-        kernel_initializer: initializer of every convolution kernel.
-            Defaults to `"he_normal"`.
-        kernel_regularizer: optional regularizer of every convolution
-            kernel (training usually relies on the optimizer's weight decay
-            instead). Defaults to `None`.
-        batchnorm_momentum: momentum of every batch normalisation. Defaults
-            to 0.9 (PyTorch's 0.1).
-        batchnorm_epsilon: epsilon of every batch normalisation. Defaults to
-            1e-5 (PyTorch's default).
-    """
-
-    def __init__(self, kernel_initializer="he_normal", kernel_regularizer=None,
-                 batchnorm_momentum=0.9, batchnorm_epsilon=1e-5):
-        self.kernel_initializer = kernel_initializer
-        self.kernel_regularizer = kernel_regularizer
-        self.batchnorm_momentum = validation.check_float(
-            "batchnorm_momentum", batchnorm_momentum, non_negative=True, below_one=True)
-        self.batchnorm_epsilon = validation.check_float(
-            "batchnorm_epsilon", batchnorm_epsilon, positive=True)
-
-    def as_dict(self):
-        """The four settings as keyword arguments (e.g. for `GlobalLayer`)."""
-        return {name: getattr(self, name) for name in LAYER_OPTIONS}
-
-    def conv(self, filters, kernel_size, name, strides=1, padding="same"):
-        """A bias-free `Conv2D` named `name`."""
-        return layers.Conv2D(
-            filters, kernel_size, strides=strides, padding=padding, use_bias=False,
-            kernel_initializer=self.kernel_initializer,
-            kernel_regularizer=self.kernel_regularizer, name=name)
-
-    def norm(self, name):
-        """A `BatchNormalization` named `name`."""
-        return layers.BatchNormalization(
-            momentum=self.batchnorm_momentum, epsilon=self.batchnorm_epsilon, name=name)
+__all__ = ["LAYER_OPTIONS", "LayerOptions", "basic_block", "bn_relu_conv", "conv_bn", "logits"]
 
 
 def conv_bn(x, filters, options, name, kernel_size=3, strides=1, suffix=""):

@@ -25,6 +25,7 @@ from keras import layers
 
 from pde_keras import validation
 from pde_keras.advection_diffusion import AdvectionDiffusion
+from pde_keras.layer_options import LAYER_OPTIONS, LayerOptions
 from pde_keras.models import blocks
 from pde_keras.models.registry import options_of, register, split_options
 
@@ -36,7 +37,7 @@ PDE_OPTIONS = options_of(AdvectionDiffusion)
 def _mnist_net(feature_layer, channels, num_classes, input_shape, name, layer_options):
     """Input stem, then `feature_layer(f, options)`, then the classifier head."""
     channels = validation.check_positive_int("channels", channels)
-    options = blocks.LayerOptions(**layer_options)
+    options = LayerOptions(**layer_options)
     inputs = keras.Input(input_shape, name="image")
     f = blocks.bn_relu_conv(inputs, channels, options, "input")
     h = layers.ReLU(name="output_relu")(feature_layer(f, options))
@@ -45,7 +46,7 @@ def _mnist_net(feature_layer, channels, num_classes, input_shape, name, layer_op
     return keras.Model(inputs, blocks.logits(h, num_classes), name=name)
 
 
-@register("mnist_conv", extra_options=blocks.LAYER_OPTIONS)
+@register("mnist_conv", extra_options=LAYER_OPTIONS)
 def mnist_conv(channels=1, num_classes=10, input_shape=MNIST_SHAPE, name="mnist_conv",
                **layer_options):
     """The illustrative net with a convolutional feature layer.
@@ -61,7 +62,7 @@ def mnist_conv(channels=1, num_classes=10, input_shape=MNIST_SHAPE, name="mnist_
         name: model name.
         **layer_options: `kernel_initializer`, `kernel_regularizer`,
             `batchnorm_momentum`, `batchnorm_epsilon` of every layer (see
-            `pde_keras.models.blocks.LayerOptions`).
+            `pde_keras.layer_options.LayerOptions`).
 
     Returns:
         A functional `keras.Model` from images to logits.
@@ -73,7 +74,7 @@ def mnist_conv(channels=1, num_classes=10, input_shape=MNIST_SHAPE, name="mnist_
     return _mnist_net(feature_layer, channels, num_classes, input_shape, name, layer_options)
 
 
-@register("mnist_residual", extra_options=blocks.LAYER_OPTIONS)
+@register("mnist_residual", extra_options=LAYER_OPTIONS)
 def mnist_residual(channels=1, num_classes=10, input_shape=MNIST_SHAPE, name="mnist_residual",
                    **layer_options):
     """The illustrative net with a residual feature layer.
@@ -95,7 +96,7 @@ def mnist_residual(channels=1, num_classes=10, input_shape=MNIST_SHAPE, name="mn
     return _mnist_net(feature_layer, channels, num_classes, input_shape, name, layer_options)
 
 
-@register("mnist_pde", extra_options=blocks.LAYER_OPTIONS + PDE_OPTIONS)
+@register("mnist_pde", extra_options=LAYER_OPTIONS + PDE_OPTIONS)
 def mnist_pde(channels=1, num_classes=10, input_shape=MNIST_SHAPE, name="mnist_pde",
               **options):
     """The illustrative net with the PDE feature layer.

@@ -30,13 +30,14 @@ from keras import layers
 
 from pde_keras import validation
 from pde_keras.global_layer import GlobalLayer
+from pde_keras.layer_options import LAYER_OPTIONS, LayerOptions
 from pde_keras.models import blocks
 from pde_keras.models.registry import options_of, register, split_options
 
 CIFAR_SHAPE = (32, 32, 3)
 THREE_STAGES = ((16, 1), (32, 2), (64, 2))
 FOUR_STAGES = THREE_STAGES + ((64, 2),)
-# Every GlobalLayer option (it includes the four `blocks.LAYER_OPTIONS`).
+# Every GlobalLayer option (it includes the four `LAYER_OPTIONS`).
 GLOBAL_OPTIONS = options_of(GlobalLayer)
 
 
@@ -62,8 +63,8 @@ def resnet(stages, blocks_per_stage, global_after=(), num_classes=10, input_shap
         A functional `keras.Model` from images to logits.
     """
     blocks_per_stage = validation.check_positive_int("blocks_per_stage", blocks_per_stage)
-    layer_options, global_options = split_options(options, blocks.LAYER_OPTIONS)
-    settings = blocks.LayerOptions(**layer_options)
+    layer_options, global_options = split_options(options, LAYER_OPTIONS)
+    settings = LayerOptions(**layer_options)
     if global_after:
         # Built once here so that bad options fail before any layer is made.
         GlobalLayer(**settings.as_dict(), **global_options)
@@ -92,7 +93,7 @@ def _variant(model_name, stages, blocks_per_stage, global_after, summary):
 
     factory.__name__ = factory.__qualname__ = model_name
     factory.__doc__ = summary + (_GLOBAL_ARGS if global_after else _ARGS)
-    return register(model_name, GLOBAL_OPTIONS if global_after else blocks.LAYER_OPTIONS)(factory)
+    return register(model_name, GLOBAL_OPTIONS if global_after else LAYER_OPTIONS)(factory)
 
 
 _ARGS = """

@@ -43,10 +43,14 @@ class LayerOptions:
     Raises:
         ValueError: for a momentum or epsilon out of range.
 
-    The initializer and regularizer are kept as given: each layer made by
-    `conv` resolves a string into its own Keras object. A layer that
+    The initializer and regularizer are kept as given. A layer that
     serialises them in its config takes `LayerOptions.resolved(...)`
-    instead, whose Keras objects all its sub-layers share.
+    instead (Keras objects). Either way every convolution made by `conv` or
+    `depthwise_conv` gets its own initializer object: Keras' unseeded
+    initializer draws its seed once per object, so sharing one would give
+    every kernel of a shape the same initial values, where PyTorch (the
+    authors' code) draws each independently. An initializer seeded by the
+    user keeps its seed in every copy (the same values, Keras' rule).
 
     Example:
 
@@ -73,9 +77,7 @@ class LayerOptions:
                  batchnorm_epsilon):
         """The settings with the initializer and regularizer as Keras objects.
 
-        For layers: `get_config` serialises the objects, and every
-        sub-layer shares the one initializer object (so an unseeded
-        initializer's seed is drawn once per layer, not once per sub-layer).
+        For layers: `get_config` serialises the objects.
         """
         return cls(keras.initializers.get(kernel_initializer),
                    keras.regularizers.get(kernel_regularizer),
@@ -99,15 +101,22 @@ class LayerOptions:
         """A bias-free `Conv2D` named `name` (`dtype`: a layer's dtype policy)."""
         return layers.Conv2D(
             filters, kernel_size, strides=strides, padding=padding, use_bias=False,
-            kernel_initializer=self.kernel_initializer,
+            kernel_initializer=self._initializer(),
             kernel_regularizer=self.kernel_regularizer, dtype=dtype, name=name)
 
     def depthwise_conv(self, kernel_size, depth_multiplier, name, dtype=None):
         """A bias-free, 'same'-padded `DepthwiseConv2D` named `name`."""
         return layers.DepthwiseConv2D(
             kernel_size, padding="same", use_bias=False, depth_multiplier=depth_multiplier,
-            depthwise_initializer=self.kernel_initializer,
+            depthwise_initializer=self._initializer(),
             depthwise_regularizer=self.kernel_regularizer, dtype=dtype, name=name)
+
+    def _initializer(self):
+        """A new initializer object of the configured kind, for one kernel."""
+        initializer = self.kernel_initializer
+        if isinstance(initializer, keras.initializers.Initializer):
+            return keras.initializers.deserialize(keras.initializers.serialize(initializer))
+        return initializer
 
     def norm(self, name, epsilon=None, dtype=None):
         """A `BatchNormalization` named `name`; `epsilon` overrides

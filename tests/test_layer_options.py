@@ -3,6 +3,7 @@
 import inspect
 
 import keras
+import numpy as np
 import pytest
 
 import pde_keras
@@ -54,12 +55,14 @@ def test_resolved_settings_are_keras_objects_serialised_by_get_config():
         "kernel_regularizer"] is None
 
 
-def test_sub_layers_share_the_resolved_initializer():
+def test_sub_layers_get_their_own_copy_of_the_resolved_initializer():
     options = LayerOptions.resolved("he_normal", None, 0.9, 1e-5)
     conv = options.conv(4, 3, "conv")
     depthwise = options.depthwise_conv(3, 2, "depthwise")
-    assert conv.kernel_initializer is options.kernel_initializer
-    assert depthwise.depthwise_initializer is options.kernel_initializer
+    for initializer in (conv.kernel_initializer, depthwise.depthwise_initializer):
+        assert initializer is not options.kernel_initializer
+        assert isinstance(initializer, keras.initializers.HeNormal)
+        assert initializer.get_config() == options.kernel_initializer.get_config()
 
 
 def test_factories():
@@ -108,3 +111,22 @@ BAD_SETTINGS = [
 def test_every_front_door_gives_the_same_message(make, argument, value, expected):
     with raises_invalid(argument, expected, value):
         make(**{argument: value})
+
+
+def test_every_kernel_gets_its_own_initial_values():
+    """Unseeded initializers: no two kernels of a layer start equal (as in PyTorch);
+    a Keras initializer object shared by the sub-layers would give them one draw."""
+    for initializer in ("he_normal", keras.initializers.HeNormal()):
+        layer = pde_keras.GlobalLayer(velocity="residual", diffusivity="residual",
+                                      init="residual", kernel_initializer=initializer)
+        layer(np.zeros((1, 8, 8, 4), "float32"))
+        kernels = [w.numpy() for w in layer.weights if w.path.endswith("kernel")]
+        assert len(kernels) == 10
+        assert not any(np.array_equal(a, b) for i, a in enumerate(kernels)
+                       for b in kernels[i + 1:])
+        for kernel in kernels:  # Each still He-normal: std sqrt(2 / (3 * 3 * 4)).
+            assert 0.15 < kernel.std() < 0.33
+    # A seeded initializer keeps its seed in every copy (Keras' rule).
+    block = pde_keras.BasicResidualBlock(kernel_initializer=keras.initializers.HeNormal(seed=3))
+    block.build((1, 8, 8, 4))
+    np.testing.assert_array_equal(block.conv1.kernel.numpy(), block.conv2.kernel.numpy())

@@ -10,6 +10,8 @@ This module imports no other layer or model module, so that every one of
 them can import it.
 """
 
+import weakref
+
 import keras
 from keras import layers
 
@@ -24,6 +26,8 @@ KERNEL_INITIALIZER = "he_normal"
 KERNEL_REGULARIZER = None
 BATCHNORM_MOMENTUM = 0.9
 BATCHNORM_EPSILON = 1e-5
+# Initializer objects already given to a kernel (see `LayerOptions._initializer`).
+_GIVEN_OUT = weakref.WeakSet()
 
 
 class LayerOptions:
@@ -49,8 +53,11 @@ class LayerOptions:
     `depthwise_conv` gets its own initializer object: Keras' unseeded
     initializer draws its seed once per object, so sharing one would give
     every kernel of a shape the same initial values, where PyTorch (the
-    authors' code) draws each independently. An initializer seeded by the
-    user keeps its seed in every copy (the same values, Keras' rule).
+    authors' code) draws each independently. The first kernel an object
+    initialises takes the object itself, later ones a new object of its
+    configuration, so that a layer with one convolution draws what it always
+    drew. An initializer seeded by the user keeps its seed in every copy (the
+    same values, Keras' rule).
 
     Example:
 
@@ -112,10 +119,15 @@ class LayerOptions:
             depthwise_regularizer=self.kernel_regularizer, dtype=dtype, name=name)
 
     def _initializer(self):
-        """A new initializer object of the configured kind, for one kernel."""
+        """The initializer of one new kernel: the configured object for its
+        first kernel, a new object of the same configuration for every later
+        one (so a layer with one convolution draws what it always drew)."""
         initializer = self.kernel_initializer
-        if isinstance(initializer, keras.initializers.Initializer):
+        if not isinstance(initializer, keras.initializers.Initializer):
+            return initializer  # A name: each layer resolves its own object.
+        if initializer in _GIVEN_OUT:
             return keras.initializers.deserialize(keras.initializers.serialize(initializer))
+        _GIVEN_OUT.add(initializer)
         return initializer
 
     def norm(self, name, epsilon=None, dtype=None):

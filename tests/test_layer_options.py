@@ -55,14 +55,19 @@ def test_resolved_settings_are_keras_objects_serialised_by_get_config():
         "kernel_regularizer"] is None
 
 
-def test_sub_layers_get_their_own_copy_of_the_resolved_initializer():
+def test_later_sub_layers_get_their_own_copy_of_the_resolved_initializer():
+    """The first kernel takes the layer's initializer object (what a one-convolution
+    layer always drew), every later one a new object of the same configuration."""
     options = LayerOptions.resolved("he_normal", None, 0.9, 1e-5)
     conv = options.conv(4, 3, "conv")
     depthwise = options.depthwise_conv(3, 2, "depthwise")
-    for initializer in (conv.kernel_initializer, depthwise.depthwise_initializer):
+    again = options.conv(4, 3, "again")
+    assert conv.kernel_initializer is options.kernel_initializer
+    for initializer in (depthwise.depthwise_initializer, again.kernel_initializer):
         assert initializer is not options.kernel_initializer
         assert isinstance(initializer, keras.initializers.HeNormal)
         assert initializer.get_config() == options.kernel_initializer.get_config()
+    assert depthwise.depthwise_initializer is not again.kernel_initializer
 
 
 def test_factories():

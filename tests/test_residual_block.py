@@ -39,9 +39,10 @@ def test_sub_layers_take_the_settings():
     for conv in (block.conv1, block.conv2):
         assert (conv.filters, conv.kernel_size, conv.use_bias) == (4, (3, 3), False)
         assert isinstance(conv.kernel_regularizer, keras.regularizers.L2)
-        # Its own copy: one unseeded initializer object would give both the same draw.
-        assert conv.kernel_initializer is not block.kernel_initializer
         assert conv.kernel_initializer.get_config() == block.kernel_initializer.get_config()
+    # conv2 has its own copy: one unseeded initializer object would give both the same draw.
+    assert block.conv1.kernel_initializer is block.kernel_initializer
+    assert block.conv2.kernel_initializer is not block.kernel_initializer
     for bn in (block.bn1, block.bn2):
         assert (bn.momentum, bn.epsilon) == (0.5, 1e-3)
     for layer in (block.conv1, block.bn1, block.conv2, block.bn2):

@@ -59,24 +59,9 @@ constexpr int64_t kLanes = 8;
 typedef float Lanes __attribute__((vector_size(kLanes * sizeof(float))));
 // A plane: one Lanes per cell of an (image, channel block), row-major.
 using Plane = std::vector<Lanes>;
-// Ghost cell of value zero (dirichlet): a neighbour index of -1.
-constexpr int64_t kZeroGhost = -1;
 const Lanes kZero = {};
 
 enum class Boundary { kPeriodic, kNeumann, kDirichlet };
-
-// Index of the cell `index + offset` along an axis of `size` cells, or
-// kZeroGhost: the ghost-cell rule of solver.neighbours.
-int64_t NeighbourIndex(int64_t index, int64_t offset, int64_t size, Boundary boundary) {
-  const int64_t target = index + offset;
-  if (target >= 0 && target < size) return target;
-  switch (boundary) {
-    case Boundary::kPeriodic: return (target + size) % size;
-    case Boundary::kNeumann: return target < 0 ? 0 : size - 1;
-    case Boundary::kDirichlet: return kZeroGhost;
-  }
-  return kZeroGhost;
-}
 
 struct Settings {
   int steps;
@@ -112,35 +97,6 @@ struct Settings {
   }
 };
 
-// The four neighbours of every cell of one (height x width) plane, as cell
-// indices, or kZeroGhost.
-struct Neighbours {
-  std::vector<int64_t> x_next, x_previous, y_next, y_previous;
-
-  Neighbours(int64_t height, int64_t width, Boundary boundary) {
-    const int64_t cells = height * width;
-    x_next.resize(cells), x_previous.resize(cells), y_next.resize(cells), y_previous.resize(cells);
-    for (int64_t i = 0; i < height; ++i) {
-      for (int64_t j = 0; j < width; ++j) {
-        const int64_t p = i * width + j;
-        const int64_t xn = NeighbourIndex(i, 1, height, boundary);
-        const int64_t xp = NeighbourIndex(i, -1, height, boundary);
-        const int64_t yn = NeighbourIndex(j, 1, width, boundary);
-        const int64_t yp = NeighbourIndex(j, -1, width, boundary);
-        x_next[p] = xn == kZeroGhost ? kZeroGhost : xn * width + j;
-        x_previous[p] = xp == kZeroGhost ? kZeroGhost : xp * width + j;
-        y_next[p] = yn == kZeroGhost ? kZeroGhost : i * width + yn;
-        y_previous[p] = yp == kZeroGhost ? kZeroGhost : i * width + yp;
-      }
-    }
-  }
-};
-
-// Neighbour `index` of a plane, or the zero ghost.
-inline const Lanes& At(const Lanes* plane, int64_t index) {
-  return index == kZeroGhost ? kZero : plane[index];
-}
-
 // One (image, channel block) unit: `block` (<= kLanes) channels starting at
 // `channel` of image `image`.
 struct Unit {
@@ -163,10 +119,18 @@ struct Geometry {
     return {index / blocks, channel, std::min(kLanes, channels - channel)};
   }
 
+  // The unit's channels of an NHWC tensor: the first cell's address.
+  const float* Base(const float* tensor, const Unit& unit) const {
+    return tensor + unit.image * cells * channels + unit.channel;
+  }
+  float* Base(float* tensor, const Unit& unit) const {
+    return tensor + unit.image * cells * channels + unit.channel;
+  }
+
   // Copies the unit's channels of an NHWC tensor into a plane.
   void Gather(const float* tensor, const Unit& unit, Plane& plane) const {
     plane.resize(cells);
-    const float* base = tensor + unit.image * cells * channels + unit.channel;
+    const float* base = Base(tensor, unit);
     if (unit.block == kLanes) {  // a fixed-size copy compiles to one vector load
       for (int64_t p = 0; p < cells; ++p) std::memcpy(&plane[p], base + p * channels, sizeof(Lanes));
       return;
@@ -178,7 +142,7 @@ struct Geometry {
   }
 
   void Scatter(const Plane& plane, const Unit& unit, float* tensor) const {
-    float* base = tensor + unit.image * cells * channels + unit.channel;
+    float* base = Base(tensor, unit);
     if (unit.block == kLanes) {
       for (int64_t p = 0; p < cells; ++p) std::memcpy(base + p * channels, &plane[p], sizeof(Lanes));
       return;
@@ -189,190 +153,374 @@ struct Geometry {
   }
 };
 
-// The seven coefficient maps of one unit, divided through by L, plus 1/L.
-struct Coefficients {
-  Plane previous, centre, x_next, x_previous, y_next, y_previous, source, inv_l;
+// The same vector at any float-aligned address (one cell's channels of an
+// NHWC tensor; GCC's vector types may alias their element type).
+typedef float UnalignedLanes
+    __attribute__((vector_size(kLanes * sizeof(float)), aligned(sizeof(float))));
 
-  // From planes of D_x, D_y, u, v (solver.stencil_coefficients).
-  void Compute(const Plane& d_x, const Plane& d_y, const Plane& u, const Plane& v,
-               const Neighbours& nb, const Settings& s) {
-    const int64_t cells = u.size();
-    for (auto* map : {&previous, &centre, &x_next, &x_previous, &y_next, &y_previous, &source,
-                      &inv_l}) {
-      map->resize(cells);
+// One cell's channels of an NHWC tensor (`block` of them, the rest zero) and
+// back; `kFull`: block == kLanes, one vector load or store.
+template <bool kFull>
+inline Lanes Load(const float* source, int64_t block) {
+  if (kFull) return *reinterpret_cast<const UnalignedLanes*>(source);
+  Lanes value = kZero;
+  std::memcpy(&value, source, block * sizeof(float));
+  return value;
+}
+
+template <bool kFull>
+inline void Store(const Lanes& value, float* target, int64_t block) {
+  if (kFull) {
+    *reinterpret_cast<UnalignedLanes*>(target) = value;
+  } else {
+    std::memcpy(target, &value, block * sizeof(float));
+  }
+}
+
+// ---------------------------------------------------------------------------
+// The solver. Every plane of a unit is held with a one-cell ghost border,
+// (height + 2) x (width + 2) cells, so the stencil's neighbours are plain
+// offsets (+-1 cell along y, +-1 row along x) with no index tables and no
+// branches; the border is refilled by the boundary's rule after each step.
+// ---------------------------------------------------------------------------
+
+// How a ghost border is filled: from the opposite edge (periodic), from the
+// nearest edge (neumann) or with zeros (dirichlet; and every adjoint border
+// but the periodic one, see Backward).
+enum class Fill { kWrap, kEdge, kZero };
+
+Fill FillOf(Boundary boundary) {
+  switch (boundary) {
+    case Boundary::kPeriodic: return Fill::kWrap;
+    case Boundary::kNeumann: return Fill::kEdge;
+    case Boundary::kDirichlet: return Fill::kZero;
+  }
+  return Fill::kZero;
+}
+
+// The transposed neighbour maps (the adjoint) gather through the same
+// offsets: a periodic border wraps, the others are zero and, under
+// neumann, the edge cells add their own contribution (their ghost is
+// themselves) in a separate pass over the edges.
+Fill AdjointFillOf(Boundary boundary) {
+  return boundary == Boundary::kPeriodic ? Fill::kWrap : Fill::kZero;
+}
+
+// A padded plane's geometry.
+struct Grid {
+  int64_t height, width, row, size;
+
+  Grid(int64_t height, int64_t width)
+      : height(height), width(width), row(width + 2), size((height + 2) * (width + 2)) {}
+
+  // Index of cell (i, j), -1 <= i <= height, -1 <= j <= width.
+  int64_t at(int64_t i, int64_t j) const { return (i + 1) * row + j + 1; }
+
+  // Fills the border of `plane` (corners are never read).
+  template <typename T>
+  void FillBorder(T* plane, Fill fill) const {
+    const T zero = {};
+    T* top = plane + at(-1, 0);
+    T* bottom = plane + at(height, 0);
+    const T* first = plane + at(0, 0);
+    const T* last = plane + at(height - 1, 0);
+    switch (fill) {
+      case Fill::kWrap: std::copy(last, last + width, top), std::copy(first, first + width, bottom);
+        break;
+      case Fill::kEdge: std::copy(first, first + width, top), std::copy(last, last + width, bottom);
+        break;
+      case Fill::kZero: std::fill(top, top + width, zero), std::fill(bottom, bottom + width, zero);
+        break;
     }
-    for (int64_t p = 0; p < cells; ++p) {
-      const Lanes ux = (At(u.data(), nb.x_next[p]) - At(u.data(), nb.x_previous[p])) *
-                       s.half_over_dx;
-      const Lanes vy = (At(v.data(), nb.y_next[p]) - At(v.data(), nb.y_previous[p])) *
-                       s.half_over_dy;
-      const Lanes a_x = u[p] * s.dt_over_dx, a_y = v[p] * s.dt_over_dy;
-      const Lanes two_b_x = d_x[p] * s.two_dt_over_dx2;
-      const Lanes two_b_y = d_y[p] * s.two_dt_over_dy2;
-      const Lanes inv = 1.0f / (1.0f + two_b_x + two_b_y);
-      inv_l[p] = inv;
-      previous[p] = (1.0f - two_b_x - two_b_y) * inv;
-      centre[p] = (ux + vy) * s.minus_two_dt * inv;
-      x_next[p] = (two_b_x - a_x) * inv;
-      x_previous[p] = (two_b_x + a_x) * inv;
-      y_next[p] = (two_b_y - a_y) * inv;
-      y_previous[p] = (two_b_y + a_y) * inv;
-      source[p] = s.two_dt * inv;
+    for (int64_t i = 0; i < height; ++i) {
+      T* r = plane + at(i, 0);
+      switch (fill) {
+        case Fill::kWrap: r[-1] = r[width - 1], r[width] = r[0]; break;
+        case Fill::kEdge: r[-1] = r[0], r[width] = r[width - 1]; break;
+        case Fill::kZero: r[-1] = zero, r[width] = zero; break;
+      }
+    }
+  }
+
+  // Copies the unit's channels of an NHWC tensor into the interior of a
+  // padded plane, ReLU'd if `rectify`.
+  void Gather(const Geometry& g, const float* tensor, const Unit& unit, Lanes* plane,
+              bool rectify = false) const {
+    if (unit.block == kLanes) {
+      rectify ? GatherRows<true, true>(g, tensor, unit, plane)
+              : GatherRows<true, false>(g, tensor, unit, plane);
+    } else {
+      rectify ? GatherRows<false, true>(g, tensor, unit, plane)
+              : GatherRows<false, false>(g, tensor, unit, plane);
+    }
+  }
+
+  // The interior of a padded plane into the unit's channels of an NHWC
+  // tensor; zero where `mask` (if given) is not positive.
+  void Scatter(const Geometry& g, const Lanes* plane, const Unit& unit, float* tensor,
+               const Lanes* mask = nullptr) const {
+    if (unit.block == kLanes) {
+      mask ? ScatterRows<true, true>(g, plane, unit, tensor, mask)
+           : ScatterRows<true, false>(g, plane, unit, tensor, mask);
+    } else {
+      mask ? ScatterRows<false, true>(g, plane, unit, tensor, mask)
+           : ScatterRows<false, false>(g, plane, unit, tensor, mask);
+    }
+  }
+
+  template <bool kFull, bool kRectify>
+  void GatherRows(const Geometry& g, const float* tensor, const Unit& unit, Lanes* plane) const {
+    const float* base = g.Base(tensor, unit);
+    const int64_t channels = g.channels, block = unit.block, rows = height, columns = width;
+    for (int64_t i = 0; i < rows; ++i) {
+      Lanes* r = plane + at(i, 0);
+      const float* source = base + i * columns * channels;
+      for (int64_t j = 0; j < columns; ++j) {
+        const Lanes value = Load<kFull>(source + j * channels, block);
+        r[j] = kRectify ? (value > 0.0f ? value : kZero) : value;
+      }
+    }
+  }
+
+  template <bool kFull, bool kMask>
+  void ScatterRows(const Geometry& g, const Lanes* plane, const Unit& unit, float* tensor,
+                   const Lanes* mask) const {
+    float* base = g.Base(tensor, unit);
+    const int64_t channels = g.channels, block = unit.block, rows = height, columns = width;
+    for (int64_t i = 0; i < rows; ++i) {
+      const Lanes* r = plane + at(i, 0);
+      const Lanes* m = kMask ? mask + at(i, 0) : nullptr;
+      float* target = base + i * columns * channels;
+      for (int64_t j = 0; j < columns; ++j) {
+        Store<kFull>(kMask ? (m[j] > 0.0f ? r[j] : kZero) : r[j], target + j * channels, block);
+      }
     }
   }
 };
 
-// One step: next = a previous + driven + b current + sum_n c_n S_n(current).
-void Step(const Coefficients& c, const Plane& driven, const Plane& previous,
-          const Plane& current, const Neighbours& nb, Plane& next) {
-  const Lanes* h = current.data();
-  for (size_t p = 0; p < current.size(); ++p) {
-    next[p] = c.previous[p] * previous[p] + driven[p] + c.centre[p] * h[p] +
-              c.x_next[p] * At(h, nb.x_next[p]) + c.x_previous[p] * At(h, nb.x_previous[p]) +
-              c.y_next[p] * At(h, nb.y_next[p]) + c.y_previous[p] * At(h, nb.y_previous[p]);
+// Runs `body(q)` for the index q of every interior cell, row by row.
+template <typename Body>
+inline void ForEachCell(const Grid& grid, Body body) {
+  for (int64_t i = 0; i < grid.height; ++i) {
+    const int64_t first = grid.at(i, 0);
+    for (int64_t q = first; q < first + grid.width; ++q) body(q);
   }
 }
 
-// Planes and results of one unit's forward pass.
+// The step's seven coefficient maps at one cell, all divided through by L:
+// H^{k+1} = a H^{k-1} + b H^k + sum_n c_n S_n(H^k) + driven, driven = s f.
+struct Coefficients {
+  Lanes a, b, x_next, x_previous, y_next, y_previous, driven;
+};
+
+// One unit's forward pass: the inputs' planes, the coefficient maps and the states.
 struct Forward {
-  Plane f, d_x, d_y, u, v, driven;
-  // states[k + 1] = H^k for k = -1 .. (the last state kept).
+  Plane f, d_x, d_y, u, v;
+  std::vector<Coefficients> c;
+  // states[k + 1] = H^k for k = -1 .. K (all of them when kept, else three
+  // rotating); H^{-1} is f, which the first step reads from `f`.
   std::vector<Plane> states;
-  Coefficients c;
 
   // Loads the unit, computes the maps and runs the K steps. Keeps every
-  // state when `keep_all` (the gradient needs H^{-1} .. H^{K-1}); returns H^K.
-  const Plane& Run(const Geometry& g, const Unit& unit, const Neighbours& nb,
-                   const Settings& s, const float* const inputs[6], bool keep_all) {
-    g.Gather(inputs[0], unit, f);
-    g.Gather(inputs[2], unit, d_x);
-    g.Gather(inputs[3], unit, d_y);
-    g.Gather(inputs[4], unit, u);
-    g.Gather(inputs[5], unit, v);
-    if (s.rectify) {
-      // ReLU in place: the gradient's mask is then (map > 0), as pre > 0 exactly when ReLU(pre) > 0.
-      for (Plane* plane : {&d_x, &d_y, &u, &v}) {
-        for (Lanes& value : *plane) value = value > 0.0f ? value : kZero;
-      }
+  // state when `keep_all` (the gradient needs H^{-1} .. H^K); returns H^K.
+  const Plane& Run(const Geometry& g, const Grid& grid, const Unit& unit, const Settings& s,
+                   const float* const inputs[6], bool keep_all) {
+    for (Plane* plane : {&f, &d_x, &d_y, &u, &v}) plane->resize(grid.size);
+    c.resize(grid.size);
+    grid.Gather(g, inputs[0], unit, f.data());
+    grid.Gather(g, inputs[2], unit, d_x.data(), s.rectify);
+    grid.Gather(g, inputs[3], unit, d_y.data(), s.rectify);
+    grid.Gather(g, inputs[4], unit, u.data(), s.rectify);
+    grid.Gather(g, inputs[5], unit, v.data(), s.rectify);
+    const Fill fill = FillOf(s.boundary);
+    grid.FillBorder(u.data(), fill);
+    grid.FillBorder(v.data(), fill);
+    const int64_t row = grid.row;
+    {
+      const Lanes *pf = f.data(), *pdx = d_x.data(), *pdy = d_y.data(), *pu = u.data(),
+                  *pv = v.data();
+      Coefficients* pc = c.data();
+      const Settings k = s;  // a local copy: the stores below cannot alias it
+      ForEachCell(grid, [=](int64_t q) {
+        const Lanes u_x = (pu[q + row] - pu[q - row]) * k.half_over_dx;
+        const Lanes v_y = (pv[q + 1] - pv[q - 1]) * k.half_over_dy;
+        const Lanes a_x = pu[q] * k.dt_over_dx, a_y = pv[q] * k.dt_over_dy;
+        const Lanes two_b_x = pdx[q] * k.two_dt_over_dx2;
+        const Lanes two_b_y = pdy[q] * k.two_dt_over_dy2;
+        const Lanes inv = 1.0f / (1.0f + two_b_x + two_b_y);
+        pc[q] = {(1.0f - two_b_x - two_b_y) * inv, (u_x + v_y) * k.minus_two_dt * inv,
+                 (two_b_x - a_x) * inv, (two_b_x + a_x) * inv,
+                 (two_b_y - a_y) * inv, (two_b_y + a_y) * inv, k.two_dt * inv * pf[q]};
+      });
     }
-    c.Compute(d_x, d_y, u, v, nb, s);
-    driven.resize(g.cells);
-    for (int64_t p = 0; p < g.cells; ++p) driven[p] = c.source[p] * f[p];
-    // Forward: three rotating states; gradient: all K + 2.
+    // The adjoint reads the maps across the border; the forward never does.
+    if (keep_all) grid.FillBorder(c.data(), AdjointFillOf(s.boundary));
     const size_t count = keep_all ? s.steps + 2 : 3;
     if (states.size() < count) states.resize(count);
-    for (size_t i = 0; i < count; ++i) states[i].resize(g.cells);
-    states[0] = f;
-    g.Gather(inputs[1], unit, states[1]);
+    for (size_t i = 0; i < count; ++i) states[i].resize(grid.size);
+    grid.Gather(g, inputs[1], unit, states[1].data());
+    grid.FillBorder(states[1].data(), fill);
     for (int k = 0; k < s.steps; ++k) {
-      const size_t prev = keep_all ? k : k % 3, cur = keep_all ? k + 1 : (k + 1) % 3,
-                   next = keep_all ? k + 2 : (k + 2) % 3;
-      Step(c, driven, states[prev], states[cur], nb, states[next]);
+      const size_t cur = keep_all ? k + 1 : (k + 1) % 3, next = keep_all ? k + 2 : (k + 2) % 3;
+      const Lanes* previous = k == 0 ? f.data() : states[keep_all ? k : k % 3].data();
+      const Lanes* h = states[cur].data();
+      Lanes* out = states[next].data();
+      const Coefficients* pc = c.data();
+      ForEachCell(grid, [&](int64_t q) {
+        const Coefficients& m = pc[q];
+        out[q] = m.a * previous[q] + m.driven + m.b * h[q] + m.x_next * h[q + row] +
+                 m.x_previous * h[q - row] + m.y_next * h[q + 1] + m.y_previous * h[q - 1];
+      });
+      if (k + 1 < s.steps || keep_all) grid.FillBorder(out, fill);
     }
     return states[keep_all ? s.steps + 1 : (s.steps + 1) % 3];
   }
 };
 
+// Sums of the adjoint over the steps, per cell, from which the gradients
+// of D_x, D_y, u, v follow (G^{k+1} = dL/dH^{k+1}, sums over k = 0 .. K-1):
+//   x   = sum G^{k+1} (S_x+ H^k + S_x- H^k - H^{k-1} - H^{k+1})  -> dL/d(2 B_x) L
+//   y   = the same along y                                       -> dL/d(2 B_y) L
+//   x_a = sum G^{k+1} (S_x- H^k - S_x+ H^k)                      -> dL/dA_x L
+//   y_a = the same along y                                       -> dL/dA_y L
+//   b   = sum G^{k+1} H^k                                        -> dL/db
+//   g   = sum G^{k+1}                                            -> dL/d driven
+// (each map is its numerator over L, and sum_n map_n X_n = H^{k+1}: the
+// step itself, which gives the gradient through L in one term).
+struct Sums {
+  Lanes x, y, x_a, y_a, b, g;
+};
+
 // The adjoint pass of one unit.
 struct Backward {
-  // Adjoint states G^{k+1}, G^k, G^{k-1} (rotating) and the gradients of
-  // the seven coefficient maps, then of f, D_x, D_y, u, v.
-  Plane g_next, g_current, g_previous;
-  Plane d_previous, d_centre, d_x_next, d_x_previous, d_y_next, d_y_previous, d_source, d_f,
-      d_dx, d_dy, d_u, d_v;
+  // G^{k+1}, G^k and G^{k-1} (rotating), the sums, and the scratch planes
+  // of the chain to the inputs.
+  Plane g_next, g_current, g_previous, divergence, d_u, d_v, d_dy;
+  std::vector<Sums> sums;
 
-  // One step k backwards: g_next = G^{k+1} (complete) flows into the maps'
-  // gradients, G^k (g_current) and G^{k-1} (g_previous, overwritten).
-  void Step(const Coefficients& c, const Plane& f, const Plane& h_previous,
-            const Plane& current, const Neighbours& nb) {
-    const Lanes* h = current.data();
-    Lanes* g_k = g_current.data();
-    for (size_t p = 0; p < current.size(); ++p) {
-      const int64_t xn = nb.x_next[p], xp = nb.x_previous[p];
-      const int64_t yn = nb.y_next[p], yp = nb.y_previous[p];
-      const Lanes g = g_next[p];
-      d_previous[p] += g * h_previous[p];
-      d_centre[p] += g * h[p];
-      d_x_next[p] += g * At(h, xn);
-      d_x_previous[p] += g * At(h, xp);
-      d_y_next[p] += g * At(h, yn);
-      d_y_previous[p] += g * At(h, yp);
-      d_source[p] += g * f[p];
-      d_f[p] += g * c.source[p];  // f drives every step
-      g_k[p] += c.centre[p] * g;
-      g_previous[p] = c.previous[p] * g;
-      // S_n^T: each cell's neighbour term flows back to that neighbour.
-      if (xn != kZeroGhost) g_k[xn] += c.x_next[p] * g;
-      if (xp != kZeroGhost) g_k[xp] += c.x_previous[p] * g;
-      if (yn != kZeroGhost) g_k[yn] += c.y_next[p] * g;
-      if (yp != kZeroGhost) g_k[yp] += c.y_previous[p] * g;
+  // Neumann only: the transposed neighbour maps' edge terms (an edge cell is
+  // its own ghost), `out[q] += weight(q) * in[q]` on the four edges, where
+  // `weight(q, n)` is the weight of direction n (0: x+, 1: x-, 2: y+, 3: y-).
+  template <typename Weight>
+  static void AddEdgeTerms(const Grid& grid, const Lanes* in, Lanes* out, Weight weight) {
+    for (int64_t j = 0; j < grid.width; ++j) {
+      const int64_t top = grid.at(0, j), bottom = grid.at(grid.height - 1, j);
+      out[top] += weight(top, 1) * in[top];  // row 0 is its own x-1 neighbour
+      out[bottom] += weight(bottom, 0) * in[bottom];
+    }
+    for (int64_t i = 0; i < grid.height; ++i) {
+      const int64_t left = grid.at(i, 0), right = grid.at(i, grid.width - 1);
+      out[left] += weight(left, 3) * in[left];
+      out[right] += weight(right, 2) * in[right];
     }
   }
 
-  void Run(const Geometry& geometry, const Unit& unit, const Neighbours& nb, const Settings& s,
-           const Forward& forward, const float* grad_solution, float* const outputs[6]) {
-    for (auto* plane : {&g_current, &g_previous, &d_previous, &d_centre, &d_x_next,
-                        &d_x_previous, &d_y_next, &d_y_previous, &d_source, &d_f}) {
-      plane->assign(geometry.cells, kZero);
+  // Step k backwards: G^{k+1} (g_next, complete) flows into the sums, into
+  // G^k (g_current, which holds a G^{k+2} so far unless kFirst) and G^{k-1}
+  // (g_previous, overwritten).
+  template <bool kFirst>
+  void Step(const Grid& grid, const Settings& s, const Forward& forward, int k) {
+    const int64_t row = grid.row;
+    const Coefficients* c = forward.c.data();
+    // H^{k-1}, H^k, H^{k+1}.
+    const Lanes* h_previous = k == 0 ? forward.f.data() : forward.states[k].data();
+    const Lanes* h = forward.states[k + 1].data();
+    const Lanes* h_next = forward.states[k + 2].data();
+    const Lanes* gn = g_next.data();
+    Lanes* gc = g_current.data();
+    Lanes* gp = g_previous.data();
+    Sums* sm = sums.data();
+    ForEachCell(grid, [&](int64_t q) {
+      const Lanes gq = gn[q];
+      const Lanes x_next = h[q + row], x_previous = h[q - row];
+      const Lanes y_next = h[q + 1], y_previous = h[q - 1];
+      const Lanes outer = h_previous[q] + h_next[q];
+      const Sums terms = {gq * (x_next + x_previous - outer), gq * (y_next + y_previous - outer),
+                          gq * (x_previous - x_next), gq * (y_previous - y_next), gq * h[q], gq};
+      Sums& sq = sm[q];
+      if (kFirst) {
+        sq = terms;
+      } else {
+        sq.x += terms.x, sq.y += terms.y, sq.x_a += terms.x_a, sq.y_a += terms.y_a;
+        sq.b += terms.b, sq.g += terms.g;
+      }
+      // G^k gathers each neighbour's term: cell q is x+ of q - row, etc.
+      const Lanes into = c[q].b * gq + c[q - row].x_next * gn[q - row] +
+                         c[q + row].x_previous * gn[q + row] + c[q - 1].y_next * gn[q - 1] +
+                         c[q + 1].y_previous * gn[q + 1];
+      gc[q] = kFirst ? into : gc[q] + into;
+      gp[q] = c[q].a * gq;
+    });
+    if (s.boundary == Boundary::kNeumann) {
+      AddEdgeTerms(grid, gn, gc, [&](int64_t q, int n) {
+        return n == 0 ? c[q].x_next : n == 1 ? c[q].x_previous
+               : n == 2 ? c[q].y_next : c[q].y_previous;
+      });
     }
-    geometry.Gather(grad_solution, unit, g_next);
+    grid.FillBorder(gc, AdjointFillOf(s.boundary));
+  }
+
+  void Run(const Geometry& g, const Grid& grid, const Unit& unit, const Settings& s,
+           const Forward& forward, const float* grad_solution, float* const outputs[6]) {
+    for (Plane* plane : {&g_next, &g_current, &g_previous, &divergence, &d_u, &d_v, &d_dy}) {
+      plane->resize(grid.size);
+    }
+    sums.resize(grid.size);
+    grid.Gather(g, grad_solution, unit, g_next.data());
+    grid.FillBorder(g_next.data(), AdjointFillOf(s.boundary));
     for (int k = s.steps - 1; k >= 0; --k) {
-      // H^{k-1} = states[k], H^k = states[k + 1].
-      Step(forward.c, forward.f, forward.states[k], forward.states[k + 1], nb);
+      // The last step starts the sums and G^k instead of adding to them.
+      k == s.steps - 1 ? Step<true>(grid, s, forward, k) : Step<false>(grid, s, forward, k);
       // Rotate: G^k is complete; G^{k-1} holds a G^{k+1} so far.
       std::swap(g_next, g_current);
       std::swap(g_current, g_previous);
     }
-    // Now g_next = G^0 = dL/dH^0 and g_current = G^{-1} (H^{-1} is f).
-    geometry.Scatter(g_next, unit, outputs[1]);
-    for (int64_t p = 0; p < geometry.cells; ++p) d_f[p] += g_current[p];
-    geometry.Scatter(d_f, unit, outputs[0]);
-    ChainToInputs(geometry, unit, nb, s, forward, outputs);
+    // Now g_next = G^0 = dL/dH^0 and g_current = G^{-1} so far (H^{-1} is f).
+    grid.Scatter(g, g_next.data(), unit, outputs[1]);
+    ChainToInputs(g, grid, unit, s, forward, outputs);
   }
 
-  // From the seven maps' gradients to those of D_x, D_y, u, v.
-  void ChainToInputs(const Geometry& geometry, const Unit& unit, const Neighbours& nb,
-                     const Settings& s, const Forward& forward, float* const outputs[6]) {
-    const Coefficients& c = forward.c;
-    for (auto* plane : {&d_u, &d_v}) plane->assign(geometry.cells, kZero);
-    d_dx.resize(geometry.cells), d_dy.resize(geometry.cells);
-    for (int64_t p = 0; p < geometry.cells; ++p) {
-      const Lanes inv = c.inv_l[p];
-      // Every map is (numerator) / L: d map / d(2B) = (d numerator / d(2B) - map) / L.
-      const Lanes through_l =
-          -(d_previous[p] * c.previous[p] + d_centre[p] * c.centre[p] +
-            d_x_next[p] * c.x_next[p] + d_x_previous[p] * c.x_previous[p] +
-            d_y_next[p] * c.y_next[p] + d_y_previous[p] * c.y_previous[p] +
-            d_source[p] * c.source[p]) * inv;
-      d_dx[p] = (through_l + (d_x_next[p] + d_x_previous[p] - d_previous[p]) * inv) *
-                s.two_dt_over_dx2;
-      d_dy[p] = (through_l + (d_y_next[p] + d_y_previous[p] - d_previous[p]) * inv) *
-                s.two_dt_over_dy2;
-      d_u[p] += (d_x_previous[p] - d_x_next[p]) * inv * s.dt_over_dx;
-      d_v[p] += (d_y_previous[p] - d_y_next[p]) * inv * s.dt_over_dy;
-      // centre = (u_x + v_y) (-2 dt) / L, u_x = (u[x+1] - u[x-1]) / (2 dx):
-      // the transposed central differences.
-      const Lanes divergence = d_centre[p] * s.minus_two_dt * inv;
-      const int64_t xn = nb.x_next[p], xp = nb.x_previous[p];
-      const int64_t yn = nb.y_next[p], yp = nb.y_previous[p];
-      if (xn != kZeroGhost) d_u[xn] += divergence * s.half_over_dx;
-      if (xp != kZeroGhost) d_u[xp] -= divergence * s.half_over_dx;
-      if (yn != kZeroGhost) d_v[yn] += divergence * s.half_over_dy;
-      if (yp != kZeroGhost) d_v[yp] -= divergence * s.half_over_dy;
+  // From the sums to the gradients of f, D_x, D_y, u, v.
+  void ChainToInputs(const Geometry& g, const Grid& grid, const Unit& unit,
+                     const Settings settings, const Forward& forward, float* const outputs[6]) {
+    const Settings s = settings;  // a local copy: the stores below cannot alias it
+    const Lanes *pdx = forward.d_x.data(), *pdy = forward.d_y.data();
+    const Sums* sm = sums.data();
+    const Lanes* g_minus = g_current.data();  // G^{-1} so far
+    // G^0 is scattered: g_next and g_previous now hold d f and d D_x.
+    Lanes *div = divergence.data(), *du = d_u.data(), *dv = d_v.data(), *ddy = d_dy.data();
+    Lanes *df = g_next.data(), *ddx = g_previous.data();
+    ForEachCell(grid, [&](int64_t q) {
+      const Lanes inv = 1.0f / (1.0f + pdx[q] * s.two_dt_over_dx2 + pdy[q] * s.two_dt_over_dy2);
+      const Sums& sq = sm[q];
+      div[q] = sq.b * s.minus_two_dt * inv;  // dL/d(u_x + v_y)
+      du[q] = sq.x_a * inv * s.dt_over_dx;
+      dv[q] = sq.y_a * inv * s.dt_over_dy;
+      ddx[q] = sq.x * inv * s.two_dt_over_dx2;
+      ddy[q] = sq.y * inv * s.two_dt_over_dy2;
+      df[q] = g_minus[q] + sq.g * s.two_dt * inv;  // f drives every step
+    });
+    grid.Scatter(g, df, unit, outputs[0]);
+    grid.Scatter(g, ddx, unit, outputs[2], s.rectify ? pdx : nullptr);
+    grid.Scatter(g, ddy, unit, outputs[3], s.rectify ? pdy : nullptr);
+    // u_x = (u[x+1] - u[x-1]) / (2 dx): the transposed central differences.
+    grid.FillBorder(div, AdjointFillOf(s.boundary));
+    const int64_t row = grid.row;
+    ForEachCell(grid, [&](int64_t q) {
+      du[q] += (div[q - row] - div[q + row]) * s.half_over_dx;
+      dv[q] += (div[q - 1] - div[q + 1]) * s.half_over_dy;
+    });
+    if (s.boundary == Boundary::kNeumann) {
+      const Lanes hx = kZero + s.half_over_dx, hy = kZero + s.half_over_dy;
+      AddEdgeTerms(grid, div, du, [&](int64_t, int n) {
+        return n == 0 ? hx : n == 1 ? -hx : kZero;
+      });
+      AddEdgeTerms(grid, div, dv, [&](int64_t, int n) {
+        return n == 2 ? hy : n == 3 ? -hy : kZero;
+      });
     }
-    if (s.rectify) {  // through the ReLUs: zero where the map was clamped
-      const Plane* maps[] = {&forward.d_x, &forward.d_y, &forward.u, &forward.v};
-      Plane* grads[] = {&d_dx, &d_dy, &d_u, &d_v};
-      for (int m = 0; m < 4; ++m) {
-        for (int64_t p = 0; p < geometry.cells; ++p) {
-          (*grads[m])[p] = (*maps[m])[p] > 0.0f ? (*grads[m])[p] : kZero;
-        }
-      }
-    }
-    geometry.Scatter(d_dx, unit, outputs[2]);
-    geometry.Scatter(d_dy, unit, outputs[3]);
-    geometry.Scatter(d_u, unit, outputs[4]);
-    geometry.Scatter(d_v, unit, outputs[5]);
+    grid.Scatter(g, du, unit, outputs[4], s.rectify ? forward.u.data() : nullptr);
+    grid.Scatter(g, dv, unit, outputs[5], s.rectify ? forward.v.data() : nullptr);
   }
 };
 
@@ -425,10 +573,10 @@ class SolveOp : public OpKernel {
     const float* inputs[6];
     for (int i = 0; i < 6; ++i) inputs[i] = context->input(i).flat<float>().data();
     float* out = output->flat<float>().data();
-    const Neighbours nb(g.height, g.width, settings_.boundary);
+    const Grid grid(g.height, g.width);
     const int64_t cost = g.cells * kLanes * (30 + 15 * settings_.steps);
     ForEachUnit<Forward>(context, g, cost, [&](const Unit& unit, Forward& forward) {
-      g.Scatter(forward.Run(g, unit, nb, settings_, inputs, false), unit, out);
+      grid.Scatter(g, forward.Run(g, grid, unit, settings_, inputs, false).data(), unit, out);
     });
   }
 
@@ -455,12 +603,12 @@ class SolveGradOp : public OpKernel {
     const float* inputs[6];
     for (int i = 0; i < 6; ++i) inputs[i] = context->input(i).flat<float>().data();
     const float* grad_solution = context->input(6).flat<float>().data();
-    const Neighbours nb(g.height, g.width, settings_.boundary);
+    const Grid grid(g.height, g.width);
     const int64_t cost = g.cells * kLanes * (80 + 45 * settings_.steps);
     ForEachUnit<ForwardAndBackward>(context, g, cost,
                                     [&](const Unit& unit, ForwardAndBackward& work) {
-      work.forward.Run(g, unit, nb, settings_, inputs, true);
-      work.backward.Run(g, unit, nb, settings_, work.forward, grad_solution, outputs);
+      work.forward.Run(g, grid, unit, settings_, inputs, true);
+      work.backward.Run(g, grid, unit, settings_, work.forward, grad_solution, outputs);
     });
   }
 

@@ -35,6 +35,7 @@
 #include <cstdint>
 #include <cstring>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "tensorflow/core/framework/op.h"
@@ -185,9 +186,9 @@ inline void Store(const Lanes& value, float* target, int64_t block) {
 // ---------------------------------------------------------------------------
 
 // How a ghost border is filled: from the opposite edge (periodic), from the
-// nearest edge (neumann) or with zeros (dirichlet; and every adjoint border
-// but the periodic one, see Backward).
-enum class Fill { kWrap, kEdge, kZero };
+// nearest edge (neumann), with zeros (dirichlet), or with the nearest edge
+// negated (the transposed central difference under neumann, see Backward).
+enum class Fill { kWrap, kEdge, kZero, kNegatedEdge };
 
 Fill FillOf(Boundary boundary) {
   switch (boundary) {
@@ -196,14 +197,6 @@ Fill FillOf(Boundary boundary) {
     case Boundary::kDirichlet: return Fill::kZero;
   }
   return Fill::kZero;
-}
-
-// The transposed neighbour maps (the adjoint) gather through the same
-// offsets: a periodic border wraps, the others are zero and, under
-// neumann, the edge cells add their own contribution (their ghost is
-// themselves) in a separate pass over the edges.
-Fill AdjointFillOf(Boundary boundary) {
-  return boundary == Boundary::kPeriodic ? Fill::kWrap : Fill::kZero;
 }
 
 // A padded plane's geometry.
@@ -231,6 +224,11 @@ struct Grid {
         break;
       case Fill::kZero: std::fill(top, top + width, zero), std::fill(bottom, bottom + width, zero);
         break;
+      case Fill::kNegatedEdge:
+        if constexpr (std::is_same_v<T, Lanes>) {
+          for (int64_t j = 0; j < width; ++j) top[j] = -first[j], bottom[j] = -last[j];
+        }
+        break;
     }
     for (int64_t i = 0; i < height; ++i) {
       T* r = plane + at(i, 0);
@@ -238,6 +236,9 @@ struct Grid {
         case Fill::kWrap: r[-1] = r[width - 1], r[width] = r[0]; break;
         case Fill::kEdge: r[-1] = r[0], r[width] = r[width - 1]; break;
         case Fill::kZero: r[-1] = zero, r[width] = zero; break;
+        case Fill::kNegatedEdge:
+          if constexpr (std::is_same_v<T, Lanes>) r[-1] = -r[0], r[width] = -r[width - 1];
+          break;
       }
     }
   }
@@ -309,9 +310,27 @@ inline void ForEachCell(const Grid& grid, Body body) {
 
 // The step's seven coefficient maps at one cell, all divided through by L:
 // H^{k+1} = a H^{k-1} + b H^k + sum_n c_n S_n(H^k) + driven, driven = s f.
+// (inv = 1 / L, for the gradient.)
 struct Coefficients {
-  Lanes a, b, x_next, x_previous, y_next, y_previous, driven;
+  Lanes a, b, x_next, x_previous, y_next, y_previous, driven, inv;
 };
+
+// The border of the coefficient maps that the adjoint gathers from (see
+// Backward): wrapped (periodic); under neumann, the ghost cell beyond an
+// edge carries the edge cell's own outward coefficient (an edge cell is its
+// own neighbour there); under dirichlet it is never used (G's border is 0).
+void FillCoefficientBorder(const Grid& grid, Boundary boundary, Coefficients* c) {
+  grid.FillBorder(c, boundary == Boundary::kPeriodic ? Fill::kWrap : Fill::kEdge);
+  if (boundary != Boundary::kNeumann) return;
+  for (int64_t j = 0; j < grid.width; ++j) {
+    c[grid.at(-1, j)].x_next = c[grid.at(0, j)].x_previous;
+    c[grid.at(grid.height, j)].x_previous = c[grid.at(grid.height - 1, j)].x_next;
+  }
+  for (int64_t i = 0; i < grid.height; ++i) {
+    c[grid.at(i, -1)].y_next = c[grid.at(i, 0)].y_previous;
+    c[grid.at(i, grid.width)].y_previous = c[grid.at(i, grid.width - 1)].y_next;
+  }
+}
 
 // One unit's forward pass: the inputs' planes, the coefficient maps and the states.
 struct Forward {
@@ -350,11 +369,11 @@ struct Forward {
         const Lanes inv = 1.0f / (1.0f + two_b_x + two_b_y);
         pc[q] = {(1.0f - two_b_x - two_b_y) * inv, (u_x + v_y) * k.minus_two_dt * inv,
                  (two_b_x - a_x) * inv, (two_b_x + a_x) * inv,
-                 (two_b_y - a_y) * inv, (two_b_y + a_y) * inv, k.two_dt * inv * pf[q]};
+                 (two_b_y - a_y) * inv, (two_b_y + a_y) * inv, k.two_dt * inv * pf[q], inv};
       });
     }
     // The adjoint reads the maps across the border; the forward never does.
-    if (keep_all) grid.FillBorder(c.data(), AdjointFillOf(s.boundary));
+    if (keep_all) FillCoefficientBorder(grid, s.boundary, c.data());
     const size_t count = keep_all ? s.steps + 2 : 3;
     if (states.size() < count) states.resize(count);
     for (size_t i = 0; i < count; ++i) states[i].resize(grid.size);
@@ -391,134 +410,123 @@ struct Sums {
   Lanes x, y, x_a, y_a, b, g;
 };
 
-// The adjoint pass of one unit.
+// The adjoint pass of one unit. The transposed neighbour maps gather
+// through the same offsets as the forward: cell q receives c_x+ G at q - row
+// (q is the x+ neighbour of q - row), and so on. With G's border filled by
+// the boundary's rule and the coefficient maps' by FillCoefficientBorder,
+// that is exact at the edges too: periodic wraps; dirichlet reads zeros;
+// under neumann an edge cell is its own ghost, so its outward term comes
+// back to itself through the ghost cell.
 struct Backward {
-  // G^{k+1}, G^k and G^{k-1} (rotating), the sums, and the scratch planes
-  // of the chain to the inputs.
-  Plane g_next, g_current, g_previous, divergence, d_u, d_v, d_dy;
+  // G^{k+1}, G^k and G^{k-1} (rotating), the sums, and the gradient of
+  // u_x + v_y and of u and v so far.
+  Plane g_next, g_current, g_previous, divergence, d_u, d_v;
   std::vector<Sums> sums;
-
-  // Neumann only: the transposed neighbour maps' edge terms (an edge cell is
-  // its own ghost), `out[q] += weight(q) * in[q]` on the four edges, where
-  // `weight(q, n)` is the weight of direction n (0: x+, 1: x-, 2: y+, 3: y-).
-  template <typename Weight>
-  static void AddEdgeTerms(const Grid& grid, const Lanes* in, Lanes* out, Weight weight) {
-    for (int64_t j = 0; j < grid.width; ++j) {
-      const int64_t top = grid.at(0, j), bottom = grid.at(grid.height - 1, j);
-      out[top] += weight(top, 1) * in[top];  // row 0 is its own x-1 neighbour
-      out[bottom] += weight(bottom, 0) * in[bottom];
-    }
-    for (int64_t i = 0; i < grid.height; ++i) {
-      const int64_t left = grid.at(i, 0), right = grid.at(i, grid.width - 1);
-      out[left] += weight(left, 3) * in[left];
-      out[right] += weight(right, 2) * in[right];
-    }
-  }
 
   // Step k backwards: G^{k+1} (g_next, complete) flows into the sums, into
   // G^k (g_current, which holds a G^{k+2} so far unless kFirst) and G^{k-1}
-  // (g_previous, overwritten).
-  template <bool kFirst>
-  void Step(const Grid& grid, const Settings& s, const Forward& forward, int k) {
-    const int64_t row = grid.row;
+  // (g_previous, overwritten). The last step (kLast, k = 0) instead writes
+  // dL/dH^0, dL/df, dL/dD_x and dL/dD_y and the planes for u and v.
+  template <bool kFirst, bool kLast, bool kFull>
+  void Step(const Geometry& g, const Grid& grid, const Settings& settings, const Unit& unit,
+            const Forward& forward, int k, float* const outputs[6]) {
+    const Settings s = settings;  // a local copy: the stores below cannot alias it
+    const int64_t row = grid.row, block = unit.block, channels = g.channels;
     const Coefficients* c = forward.c.data();
     // H^{k-1}, H^k, H^{k+1}.
     const Lanes* h_previous = k == 0 ? forward.f.data() : forward.states[k].data();
     const Lanes* h = forward.states[k + 1].data();
     const Lanes* h_next = forward.states[k + 2].data();
+    const Lanes *pdx = forward.d_x.data(), *pdy = forward.d_y.data();
     const Lanes* gn = g_next.data();
     Lanes* gc = g_current.data();
     Lanes* gp = g_previous.data();
     Sums* sm = sums.data();
-    ForEachCell(grid, [&](int64_t q) {
-      const Lanes gq = gn[q];
-      const Lanes x_next = h[q + row], x_previous = h[q - row];
-      const Lanes y_next = h[q + 1], y_previous = h[q - 1];
-      const Lanes outer = h_previous[q] + h_next[q];
-      const Sums terms = {gq * (x_next + x_previous - outer), gq * (y_next + y_previous - outer),
-                          gq * (x_previous - x_next), gq * (y_previous - y_next), gq * h[q], gq};
-      Sums& sq = sm[q];
-      if (kFirst) {
-        sq = terms;
-      } else {
-        sq.x += terms.x, sq.y += terms.y, sq.x_a += terms.x_a, sq.y_a += terms.y_a;
-        sq.b += terms.b, sq.g += terms.g;
+    Lanes *div = divergence.data(), *du = d_u.data(), *dv = d_v.data();
+    float *out_f = g.Base(outputs[0], unit), *out_h = g.Base(outputs[1], unit);
+    float *out_dx = g.Base(outputs[2], unit), *out_dy = g.Base(outputs[3], unit);
+    for (int64_t i = 0; i < grid.height; ++i) {
+      const int64_t first = grid.at(i, 0), tensor_row = i * grid.width * channels;
+      for (int64_t j = 0; j < grid.width; ++j) {
+        const int64_t q = first + j, t = tensor_row + j * channels;
+        const Lanes gq = gn[q];
+        const Lanes x_next = h[q + row], x_previous = h[q - row];
+        const Lanes y_next = h[q + 1], y_previous = h[q - 1];
+        const Lanes outer = h_previous[q] + h_next[q];
+        Sums sq = {gq * (x_next + x_previous - outer), gq * (y_next + y_previous - outer),
+                   gq * (x_previous - x_next), gq * (y_previous - y_next), gq * h[q], gq};
+        if (!kFirst) {
+          const Sums& before = sm[q];
+          sq.x += before.x, sq.y += before.y, sq.x_a += before.x_a, sq.y_a += before.y_a;
+          sq.b += before.b, sq.g += before.g;
+        }
+        const Coefficients& cq = c[q];
+        // G^k gathers each neighbour's term.
+        Lanes into = cq.b * gq + c[q - row].x_next * gn[q - row] +
+                     c[q + row].x_previous * gn[q + row] + c[q - 1].y_next * gn[q - 1] +
+                     c[q + 1].y_previous * gn[q + 1];
+        if (!kFirst) into += gc[q];
+        if (!kLast) {
+          sm[q] = sq;
+          gc[q] = into;
+          gp[q] = cq.a * gq;
+          continue;
+        }
+        // k = 0: G^0 is complete, G^{-1} = a G^1 (H^{-1} is f) and the sums.
+        const Lanes inv = cq.inv;
+        Store<kFull>(into, out_h + t, block);
+        Store<kFull>(cq.a * gq + sq.g * s.two_dt * inv, out_f + t, block);  // f drives every step
+        Lanes d_dx = sq.x * inv * s.two_dt_over_dx2, d_dy = sq.y * inv * s.two_dt_over_dy2;
+        if (s.rectify) {  // through the ReLUs: zero where the map was clamped
+          d_dx = pdx[q] > 0.0f ? d_dx : kZero;
+          d_dy = pdy[q] > 0.0f ? d_dy : kZero;
+        }
+        Store<kFull>(d_dx, out_dx + t, block);
+        Store<kFull>(d_dy, out_dy + t, block);
+        div[q] = sq.b * s.minus_two_dt * inv;  // dL/d(u_x + v_y)
+        du[q] = sq.x_a * inv * s.dt_over_dx;
+        dv[q] = sq.y_a * inv * s.dt_over_dy;
       }
-      // G^k gathers each neighbour's term: cell q is x+ of q - row, etc.
-      const Lanes into = c[q].b * gq + c[q - row].x_next * gn[q - row] +
-                         c[q + row].x_previous * gn[q + row] + c[q - 1].y_next * gn[q - 1] +
-                         c[q + 1].y_previous * gn[q + 1];
-      gc[q] = kFirst ? into : gc[q] + into;
-      gp[q] = c[q].a * gq;
-    });
-    if (s.boundary == Boundary::kNeumann) {
-      AddEdgeTerms(grid, gn, gc, [&](int64_t q, int n) {
-        return n == 0 ? c[q].x_next : n == 1 ? c[q].x_previous
-               : n == 2 ? c[q].y_next : c[q].y_previous;
-      });
     }
-    grid.FillBorder(gc, AdjointFillOf(s.boundary));
+    if (!kLast) grid.FillBorder(gc, FillOf(s.boundary));
   }
 
+  template <bool kFull>
   void Run(const Geometry& g, const Grid& grid, const Unit& unit, const Settings& s,
            const Forward& forward, const float* grad_solution, float* const outputs[6]) {
-    for (Plane* plane : {&g_next, &g_current, &g_previous, &divergence, &d_u, &d_v, &d_dy}) {
+    for (Plane* plane : {&g_next, &g_current, &g_previous, &divergence, &d_u, &d_v}) {
       plane->resize(grid.size);
     }
-    sums.resize(grid.size);
+    if (s.steps > 1) sums.resize(grid.size);
     grid.Gather(g, grad_solution, unit, g_next.data());
-    grid.FillBorder(g_next.data(), AdjointFillOf(s.boundary));
+    grid.FillBorder(g_next.data(), FillOf(s.boundary));
     for (int k = s.steps - 1; k >= 0; --k) {
       // The last step starts the sums and G^k instead of adding to them.
-      k == s.steps - 1 ? Step<true>(grid, s, forward, k) : Step<false>(grid, s, forward, k);
+      if (s.steps == 1) {
+        Step<true, true, kFull>(g, grid, s, unit, forward, k, outputs);
+      } else if (k == s.steps - 1) {
+        Step<true, false, kFull>(g, grid, s, unit, forward, k, outputs);
+      } else if (k > 0) {
+        Step<false, false, kFull>(g, grid, s, unit, forward, k, outputs);
+      } else {
+        Step<false, true, kFull>(g, grid, s, unit, forward, k, outputs);
+      }
       // Rotate: G^k is complete; G^{k-1} holds a G^{k+1} so far.
       std::swap(g_next, g_current);
       std::swap(g_current, g_previous);
     }
-    // Now g_next = G^0 = dL/dH^0 and g_current = G^{-1} so far (H^{-1} is f).
-    grid.Scatter(g, g_next.data(), unit, outputs[1]);
-    ChainToInputs(g, grid, unit, s, forward, outputs);
-  }
-
-  // From the sums to the gradients of f, D_x, D_y, u, v.
-  void ChainToInputs(const Geometry& g, const Grid& grid, const Unit& unit,
-                     const Settings settings, const Forward& forward, float* const outputs[6]) {
-    const Settings s = settings;  // a local copy: the stores below cannot alias it
-    const Lanes *pdx = forward.d_x.data(), *pdy = forward.d_y.data();
-    const Sums* sm = sums.data();
-    const Lanes* g_minus = g_current.data();  // G^{-1} so far
-    // G^0 is scattered: g_next and g_previous now hold d f and d D_x.
-    Lanes *div = divergence.data(), *du = d_u.data(), *dv = d_v.data(), *ddy = d_dy.data();
-    Lanes *df = g_next.data(), *ddx = g_previous.data();
-    ForEachCell(grid, [&](int64_t q) {
-      const Lanes inv = 1.0f / (1.0f + pdx[q] * s.two_dt_over_dx2 + pdy[q] * s.two_dt_over_dy2);
-      const Sums& sq = sm[q];
-      div[q] = sq.b * s.minus_two_dt * inv;  // dL/d(u_x + v_y)
-      du[q] = sq.x_a * inv * s.dt_over_dx;
-      dv[q] = sq.y_a * inv * s.dt_over_dy;
-      ddx[q] = sq.x * inv * s.two_dt_over_dx2;
-      ddy[q] = sq.y * inv * s.two_dt_over_dy2;
-      df[q] = g_minus[q] + sq.g * s.two_dt * inv;  // f drives every step
-    });
-    grid.Scatter(g, df, unit, outputs[0]);
-    grid.Scatter(g, ddx, unit, outputs[2], s.rectify ? pdx : nullptr);
-    grid.Scatter(g, ddy, unit, outputs[3], s.rectify ? pdy : nullptr);
     // u_x = (u[x+1] - u[x-1]) / (2 dx): the transposed central differences.
-    grid.FillBorder(div, AdjointFillOf(s.boundary));
+    // Under neumann the edge cell is its own ghost: the negated edge value
+    // as the border gives its term.
+    const Settings settings = s;
+    Lanes *div = divergence.data(), *du = d_u.data(), *dv = d_v.data();
+    grid.FillBorder(div, s.boundary == Boundary::kNeumann ? Fill::kNegatedEdge
+                                                          : FillOf(s.boundary));
     const int64_t row = grid.row;
     ForEachCell(grid, [&](int64_t q) {
-      du[q] += (div[q - row] - div[q + row]) * s.half_over_dx;
-      dv[q] += (div[q - 1] - div[q + 1]) * s.half_over_dy;
+      du[q] += (div[q - row] - div[q + row]) * settings.half_over_dx;
+      dv[q] += (div[q - 1] - div[q + 1]) * settings.half_over_dy;
     });
-    if (s.boundary == Boundary::kNeumann) {
-      const Lanes hx = kZero + s.half_over_dx, hy = kZero + s.half_over_dy;
-      AddEdgeTerms(grid, div, du, [&](int64_t, int n) {
-        return n == 0 ? hx : n == 1 ? -hx : kZero;
-      });
-      AddEdgeTerms(grid, div, dv, [&](int64_t, int n) {
-        return n == 2 ? hy : n == 3 ? -hy : kZero;
-      });
-    }
     grid.Scatter(g, du, unit, outputs[4], s.rectify ? forward.u.data() : nullptr);
     grid.Scatter(g, dv, unit, outputs[5], s.rectify ? forward.v.data() : nullptr);
   }
@@ -608,7 +616,11 @@ class SolveGradOp : public OpKernel {
     ForEachUnit<ForwardAndBackward>(context, g, cost,
                                     [&](const Unit& unit, ForwardAndBackward& work) {
       work.forward.Run(g, grid, unit, settings_, inputs, true);
-      work.backward.Run(g, grid, unit, settings_, work.forward, grad_solution, outputs);
+      if (unit.block == kLanes) {
+        work.backward.Run<true>(g, grid, unit, settings_, work.forward, grad_solution, outputs);
+      } else {
+        work.backward.Run<false>(g, grid, unit, settings_, work.forward, grad_solution, outputs);
+      }
     });
   }
 

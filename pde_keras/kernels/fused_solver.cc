@@ -68,6 +68,9 @@ struct Settings {
   int steps;
   Boundary boundary;
   bool rectify;  // D_x, D_y, u, v are given before their ReLU
+  // H^0 is f (one tensor): the gradient writes dL/df + dL/dH^0 as output 0
+  // and an empty output 1.
+  bool shared_initial;
   // The scheme's constants, computed in double as the Python reference does
   // with Python floats, then rounded once.
   float half_over_dx, half_over_dy;        // central differences
@@ -84,6 +87,7 @@ struct Settings {
     OP_REQUIRES_OK(context, context->GetAttr("dy", &dy));
     OP_REQUIRES_OK(context, context->GetAttr("boundary", &name));
     OP_REQUIRES_OK(context, context->GetAttr("rectify", &rectify));
+    OP_REQUIRES_OK(context, context->GetAttr("shared_initial", &shared_initial));
     boundary = name == "periodic" ? Boundary::kPeriodic
                : name == "neumann" ? Boundary::kNeumann : Boundary::kDirichlet;
     const double t = dt, x = dx, y = dy;
@@ -377,7 +381,11 @@ struct Forward {
     const size_t count = keep_all ? s.steps + 2 : 3;
     if (states.size() < count) states.resize(count);
     for (size_t i = 0; i < count; ++i) states[i].resize(grid.size);
-    grid.Gather(g, inputs[1], unit, states[1].data());
+    if (inputs[1] == inputs[0]) {  // H^0 is f
+      std::copy(f.begin(), f.end(), states[1].begin());
+    } else {
+      grid.Gather(g, inputs[1], unit, states[1].data());
+    }
     grid.FillBorder(states[1].data(), fill);
     for (int k = 0; k < s.steps; ++k) {
       const size_t cur = keep_all ? k + 1 : (k + 1) % 3, next = keep_all ? k + 2 : (k + 2) % 3;
@@ -474,8 +482,13 @@ struct Backward {
         }
         // k = 0: G^0 is complete, G^{-1} = a G^1 (H^{-1} is f) and the sums.
         const Lanes inv = cq.inv;
-        Store<kFull>(into, out_h + t, block);
-        Store<kFull>(cq.a * gq + sq.g * s.two_dt * inv, out_f + t, block);  // f drives every step
+        const Lanes d_f = cq.a * gq + sq.g * s.two_dt * inv;  // f drives every step
+        if (s.shared_initial) {
+          Store<kFull>(d_f + into, out_f + t, block);
+        } else {
+          Store<kFull>(d_f, out_f + t, block);
+          Store<kFull>(into, out_h + t, block);
+        }
         Lanes d_dx = sq.x * inv * s.two_dt_over_dx2, d_dy = sq.y * inv * s.two_dt_over_dy2;
         if (s.rectify) {  // through the ReLUs: zero where the map was clamped
           d_dx = pdx[q] > 0.0f ? d_dx : kZero;
@@ -604,7 +617,9 @@ class SolveGradOp : public OpKernel {
     float* outputs[6];
     for (int i = 0; i < 6; ++i) {
       Tensor* output = nullptr;
-      OP_REQUIRES_OK(context, context->allocate_output(i, context->input(0).shape(), &output));
+      const bool empty = i == 1 && settings_.shared_initial;
+      OP_REQUIRES_OK(context, context->allocate_output(
+                                  i, empty ? TensorShape({0}) : context->input(0).shape(), &output));
       outputs[i] = output->flat<float>().data();
     }
     if (g.units() == 0 || g.cells == 0) return;
@@ -823,6 +838,7 @@ REGISTER_OP("PdeKerasSolve")
     .Attr("dy: float")
     .Attr("boundary: {'periodic', 'neumann', 'dirichlet'}")
     .Attr("rectify: bool = false")
+    .Attr("shared_initial: bool = false")
     .SetShapeFn([](::tensorflow::shape_inference::InferenceContext* c) {
       c->set_output(0, c->input(0));
       return ::tensorflow::OkStatus();
@@ -848,8 +864,12 @@ REGISTER_OP("PdeKerasSolveGrad")
     .Attr("dy: float")
     .Attr("boundary: {'periodic', 'neumann', 'dirichlet'}")
     .Attr("rectify: bool = false")
+    .Attr("shared_initial: bool = false")
     .SetShapeFn([](::tensorflow::shape_inference::InferenceContext* c) {
+      bool shared_initial;
+      TF_RETURN_IF_ERROR(c->GetAttr("shared_initial", &shared_initial));
       for (int i = 0; i < 6; ++i) c->set_output(i, c->input(0));
+      if (shared_initial) c->set_output(1, c->MakeShape({0}));
       return ::tensorflow::OkStatus();
     });
 

@@ -34,6 +34,8 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <memory>
+#include <mutex>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -568,16 +570,42 @@ Geometry CheckInputs(OpKernelContext* context, int count) {
   return Geometry(shape);
 }
 
+// Workspaces (a unit's buffers, a megabyte or so) kept from call to call:
+// fresh ones on every call would each be new pages for the kernel to fault
+// in and zero. One per concurrently running shard; an op kernel holds one
+// pool, which concurrent calls share.
+template <typename Workspace>
+class WorkspacePool {
+ public:
+  std::unique_ptr<Workspace> Acquire() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (free_.empty()) return std::make_unique<Workspace>();
+    std::unique_ptr<Workspace> workspace = std::move(free_.back());
+    free_.pop_back();
+    return workspace;
+  }
+
+  void Release(std::unique_ptr<Workspace> workspace) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    free_.push_back(std::move(workspace));
+  }
+
+ private:
+  std::mutex mutex_;
+  std::vector<std::unique_ptr<Workspace>> free_;
+};
+
 // Runs `work(unit, workspace)` for every unit on TensorFlow's CPU thread
-// pool; each shard (a range of units on one thread) has its own Workspace,
-// whose buffers the shard's units reuse.
+// pool; each shard (a range of units on one thread) takes a Workspace from
+// `pool`, whose buffers the shard's units reuse.
 template <typename Workspace, typename Work>
 void ForEachUnit(OpKernelContext* context, const Geometry& g, int64_t cost_per_unit,
-                 Work work) {
+                 WorkspacePool<Workspace>& workspaces, Work work) {
   auto* pool = context->device()->tensorflow_cpu_worker_threads()->workers;
   pool->ParallelFor(g.units(), cost_per_unit, [&](int64_t begin, int64_t end) {
-    Workspace workspace;
-    for (int64_t i = begin; i < end; ++i) work(g.unit(i), workspace);
+    std::unique_ptr<Workspace> workspace = workspaces.Acquire();
+    for (int64_t i = begin; i < end; ++i) work(g.unit(i), *workspace);
+    workspaces.Release(std::move(workspace));
   });
 }
 
@@ -596,13 +624,14 @@ class SolveOp : public OpKernel {
     float* out = output->flat<float>().data();
     const Grid grid(g.height, g.width);
     const int64_t cost = g.cells * kLanes * (30 + 15 * settings_.steps);
-    ForEachUnit<Forward>(context, g, cost, [&](const Unit& unit, Forward& forward) {
+    ForEachUnit(context, g, cost, workspaces_, [&](const Unit& unit, Forward& forward) {
       grid.Scatter(g, forward.Run(g, grid, unit, settings_, inputs, false).data(), unit, out);
     });
   }
 
  private:
   Settings settings_;
+  WorkspacePool<Forward> workspaces_;
 };
 
 class SolveGradOp : public OpKernel {
@@ -628,7 +657,7 @@ class SolveGradOp : public OpKernel {
     const float* grad_solution = context->input(6).flat<float>().data();
     const Grid grid(g.height, g.width);
     const int64_t cost = g.cells * kLanes * (80 + 45 * settings_.steps);
-    ForEachUnit<ForwardAndBackward>(context, g, cost,
+    ForEachUnit(context, g, cost, workspaces_,
                                     [&](const Unit& unit, ForwardAndBackward& work) {
       work.forward.Run(g, grid, unit, settings_, inputs, true);
       if (unit.block == kLanes) {
@@ -641,6 +670,7 @@ class SolveGradOp : public OpKernel {
 
  private:
   Settings settings_;
+  WorkspacePool<ForwardAndBackward> workspaces_;
 };
 
 
@@ -677,50 +707,54 @@ void GatherTaps(const float* kernel, int64_t channels, int64_t maps, const Unit&
   }
 }
 
-// The geometry of a depth-wise op's input (0) and kernel (1), checked.
-Geometry CheckDepthwiseInputs(OpKernelContext* context, int64_t maps) {
-  const Tensor& input = context->input(0);
-  const Tensor& kernel = context->input(1);
-  if (input.dims() != 4) {
-    context->CtxFailure(InvalidArgument("input must be rank 4 (NHWC)"));
-    return Geometry(TensorShape({0, 0, 0, 0}));
+// What both depth-wise ops start from: the input (0) and kernel (1), checked,
+// their geometry and data.
+struct DepthwiseProblem {
+  const Tensor& input;
+  const Tensor& kernel;
+  int64_t maps;
+  Geometry g;
+  const float* x;
+  const float* w;
+  int64_t padded_width;
+
+  DepthwiseProblem(OpKernelContext* context, int64_t maps)
+      : input(context->input(0)), kernel(context->input(1)), maps(maps),
+        g(input.dims() == 4 ? input.shape() : TensorShape({0, 0, 0, 0})),
+        x(input.flat<float>().data()), w(kernel.flat<float>().data()),
+        padded_width(g.width + 2) {
+    if (input.dims() != 4) {
+      context->CtxFailure(InvalidArgument("input must be rank 4 (NHWC)"));
+    } else if (kernel.shape() != TensorShape({3, 3, input.dim_size(3), maps})) {
+      context->CtxFailure(InvalidArgument("kernel must be shaped (3, 3, channels, maps), got ",
+                                          kernel.shape().DebugString()));
+    }
   }
-  if (kernel.shape() != TensorShape({3, 3, input.dim_size(3), maps})) {
-    context->CtxFailure(InvalidArgument("kernel must be shaped (3, 3, channels, maps), got ",
-                                        kernel.shape().DebugString()));
-  }
-  return Geometry(input.shape());
-}
+
+  bool empty() const { return g.units() == 0 || g.cells == 0; }
+};
 
 class DepthwiseOp : public OpKernel {
  public:
   explicit DepthwiseOp(OpKernelConstruction* context) : OpKernel(context) {}
 
   void Compute(OpKernelContext* context) override {
-    const Tensor& input = context->input(0);
-    const Tensor& kernel = context->input(1);
-    const int64_t maps = context->num_outputs();
-    const Geometry g = CheckDepthwiseInputs(context, maps);
+    const DepthwiseProblem problem(context, context->num_outputs());
     if (!context->status().ok()) return;
+    const Geometry& g = problem.g;
+    const int64_t maps = problem.maps, padded_width = problem.padded_width;
     std::vector<float*> outputs(maps);
     for (int64_t k = 0; k < maps; ++k) {
       Tensor* output = nullptr;
-      OP_REQUIRES_OK(context, context->allocate_output(k, input.shape(), &output));
+      OP_REQUIRES_OK(context, context->allocate_output(k, problem.input.shape(), &output));
       outputs[k] = output->flat<float>().data();
     }
-    if (g.units() == 0 || g.cells == 0) return;
-    const float* x = input.flat<float>().data();
-    const float* w = kernel.flat<float>().data();
-    const int64_t padded_width = g.width + 2;
-    struct Workspace {
-      Plane padded, map;
-      std::vector<Lanes> taps;
-    };
-    ForEachUnit<Workspace>(context, g, g.cells * kLanes * 20 * maps,
-                           [&](const Unit& unit, Workspace& workspace) {
+    if (problem.empty()) return;
+    ForEachUnit(context, g, g.cells * kLanes * 20 * maps, workspaces_,
+                [&](const Unit& unit, Workspace& workspace) {
       auto& [padded, map, taps] = workspace;
-      GatherPadded(g, x, unit, padded);
-      GatherTaps(w, g.channels, maps, unit, taps);
+      GatherPadded(g, problem.x, unit, padded);
+      GatherTaps(problem.w, g.channels, maps, unit, taps);
       map.resize(g.cells);
       for (int64_t k = 0; k < maps; ++k) {
         const Lanes* t = &taps[k * 9];
@@ -738,6 +772,13 @@ class DepthwiseOp : public OpKernel {
       }
     });
   }
+
+ private:
+  struct Workspace {
+    Plane padded, map;
+    std::vector<Lanes> taps;
+  };
+  WorkspacePool<Workspace> workspaces_;
 };
 
 class DepthwiseGradOp : public OpKernel {
@@ -745,40 +786,32 @@ class DepthwiseGradOp : public OpKernel {
   explicit DepthwiseGradOp(OpKernelConstruction* context) : OpKernel(context) {}
 
   void Compute(OpKernelContext* context) override {
-    const Tensor& input = context->input(0);
-    const Tensor& kernel = context->input(1);
-    const int64_t maps = context->num_inputs() - 2;
-    const Geometry g = CheckDepthwiseInputs(context, maps);
+    const DepthwiseProblem problem(context, context->num_inputs() - 2);
     if (!context->status().ok()) return;
+    const Geometry& g = problem.g;
+    const int64_t maps = problem.maps, padded_width = problem.padded_width;
     Tensor* grad_input = nullptr;
     Tensor* grad_kernel = nullptr;
-    OP_REQUIRES_OK(context, context->allocate_output(0, input.shape(), &grad_input));
-    OP_REQUIRES_OK(context, context->allocate_output(1, kernel.shape(), &grad_kernel));
+    OP_REQUIRES_OK(context, context->allocate_output(0, problem.input.shape(), &grad_input));
+    OP_REQUIRES_OK(context, context->allocate_output(1, problem.kernel.shape(), &grad_kernel));
     float* dx = grad_input->flat<float>().data();
     float* dw = grad_kernel->flat<float>().data();
     std::fill_n(dw, grad_kernel->NumElements(), 0.0f);
-    if (g.units() == 0 || g.cells == 0) return;
+    if (problem.empty()) return;
     std::vector<const float*> grads(maps);
     for (int64_t k = 0; k < maps; ++k) {
-      OP_REQUIRES(context, context->input(2 + k).shape() == input.shape(),
+      OP_REQUIRES(context, context->input(2 + k).shape() == problem.input.shape(),
                   InvalidArgument("every map's gradient must be shaped like the input"));
       grads[k] = context->input(2 + k).flat<float>().data();
     }
-    const float* x = input.flat<float>().data();
-    const float* w = kernel.flat<float>().data();
-    const int64_t padded_width = g.width + 2;
     // The kernel's gradient sums over the batch: one partial sum per unit,
     // added up in a fixed order afterwards (deterministic, no locks).
     std::vector<Lanes> partial(g.units() * 9 * maps, kZero);
-    struct Workspace {
-      Plane padded_x, padded_g, grad;
-      std::vector<Lanes> taps;
-    };
-    ForEachUnit<Workspace>(context, g, g.cells * kLanes * 40 * maps,
-                           [&](const Unit& unit, Workspace& workspace) {
+    ForEachUnit(context, g, g.cells * kLanes * 40 * maps, workspaces_,
+                [&](const Unit& unit, Workspace& workspace) {
       auto& [padded_x, padded_g, grad, taps] = workspace;
-      GatherPadded(g, x, unit, padded_x);
-      GatherTaps(w, g.channels, maps, unit, taps);
+      GatherPadded(g, problem.x, unit, padded_x);
+      GatherTaps(problem.w, g.channels, maps, unit, taps);
       grad.assign(g.cells, kZero);
       Lanes* unit_partial = &partial[(unit.image * g.blocks + unit.channel / kLanes) * 9 * maps];
       for (int64_t k = 0; k < maps; ++k) {
@@ -820,6 +853,13 @@ class DepthwiseGradOp : public OpKernel {
       }
     }
   }
+
+ private:
+  struct Workspace {
+    Plane padded_x, padded_g, grad;
+    std::vector<Lanes> taps;
+  };
+  WorkspacePool<Workspace> workspaces_;
 };
 
 }  // namespace

@@ -340,69 +340,117 @@ void FillCoefficientBorder(const Grid& grid, Boundary boundary, Coefficients* c)
 
 // One unit's forward pass: the inputs' planes, the coefficient maps and the states.
 struct Forward {
-  Plane f, d_x, d_y, u, v;
+  Plane f, d_x, d_y, u, v;  // f, D_x and D_y only when the states are kept
   std::vector<Coefficients> c;
-  // states[k + 1] = H^k for k = -1 .. K (all of them when kept, else three
-  // rotating); H^{-1} is f, which the first step reads from `f`.
+  // states[k + 1] = H^k for k = 0 .. K (all of them when kept, else three
+  // rotating); H^{-1} is f.
   std::vector<Plane> states;
 
-  // Loads the unit, computes the maps and runs the K steps. Keeps every
-  // state when `keep_all` (the gradient needs H^{-1} .. H^K); returns H^K.
-  const Plane& Run(const Geometry& g, const Grid& grid, const Unit& unit, const Settings& s,
-                   const float* const inputs[6], bool keep_all) {
-    for (Plane* plane : {&f, &d_x, &d_y, &u, &v}) plane->resize(grid.size);
-    c.resize(grid.size);
-    grid.Gather(g, inputs[0], unit, f.data());
-    grid.Gather(g, inputs[2], unit, d_x.data(), s.rectify);
-    grid.Gather(g, inputs[3], unit, d_y.data(), s.rectify);
-    grid.Gather(g, inputs[4], unit, u.data(), s.rectify);
-    grid.Gather(g, inputs[5], unit, v.data(), s.rectify);
-    const Fill fill = FillOf(s.boundary);
-    grid.FillBorder(u.data(), fill);
-    grid.FillBorder(v.data(), fill);
-    const int64_t row = grid.row;
-    {
-      const Lanes *pf = f.data(), *pdx = d_x.data(), *pdy = d_y.data(), *pu = u.data(),
-                  *pv = v.data();
-      Coefficients* pc = c.data();
-      const Settings k = s;  // a local copy: the stores below cannot alias it
-      ForEachCell(grid, [=](int64_t q) {
-        const Lanes u_x = (pu[q + row] - pu[q - row]) * k.half_over_dx;
-        const Lanes v_y = (pv[q + 1] - pv[q - 1]) * k.half_over_dy;
-        const Lanes a_x = pu[q] * k.dt_over_dx, a_y = pv[q] * k.dt_over_dy;
-        const Lanes two_b_x = pdx[q] * k.two_dt_over_dx2;
-        const Lanes two_b_y = pdy[q] * k.two_dt_over_dy2;
-        const Lanes inv = 1.0f / (1.0f + two_b_x + two_b_y);
-        pc[q] = {(1.0f - two_b_x - two_b_y) * inv, (u_x + v_y) * k.minus_two_dt * inv,
-                 (two_b_x - a_x) * inv, (two_b_x + a_x) * inv,
-                 (two_b_y - a_y) * inv, (two_b_y + a_y) * inv, k.two_dt * inv * pf[q], inv};
-      });
-    }
-    // The adjoint reads the maps across the border; the forward never does.
-    if (keep_all) FillCoefficientBorder(grid, s.boundary, c.data());
+  // Loads the unit, computes the maps and runs the K steps. With `output`
+  // (the forward op), H^K goes straight into that NHWC tensor; else every
+  // state is kept (the gradient needs H^{-1} .. H^K) and H^K is returned.
+  template <bool kFull>
+  const Plane* Run(const Geometry& g, const Grid& grid, const Unit& unit, const Settings& s,
+                   const float* const inputs[6], float* output) {
+    const bool keep_all = output == nullptr;
+    // H^0 is f (one tensor): read once.
+    const bool shared = inputs[1] == inputs[0];
     const size_t count = keep_all ? s.steps + 2 : 3;
     if (states.size() < count) states.resize(count);
     for (size_t i = 0; i < count; ++i) states[i].resize(grid.size);
-    if (inputs[1] == inputs[0]) {  // H^0 is f
-      std::copy(f.begin(), f.end(), states[1].begin());
-    } else {
-      grid.Gather(g, inputs[1], unit, states[1].data());
+    for (Plane* plane : {&u, &v}) plane->resize(grid.size);
+    if (keep_all) {
+      for (Plane* plane : {&f, &d_x, &d_y}) plane->resize(grid.size);
     }
-    grid.FillBorder(states[1].data(), fill);
-    for (int k = 0; k < s.steps; ++k) {
-      const size_t cur = keep_all ? k + 1 : (k + 1) % 3, next = keep_all ? k + 2 : (k + 2) % 3;
-      const Lanes* previous = k == 0 ? f.data() : states[keep_all ? k : k % 3].data();
-      const Lanes* h = states[cur].data();
-      Lanes* out = states[next].data();
-      const Coefficients* pc = c.data();
+    // The coefficient maps, unless one step uses them once.
+    const bool store_maps = keep_all || s.steps > 1;
+    if (store_maps) c.resize(grid.size);
+    grid.Gather(g, inputs[1], unit, states[1].data());
+    grid.Gather(g, inputs[4], unit, u.data(), s.rectify);
+    grid.Gather(g, inputs[5], unit, v.data(), s.rectify);
+    const Fill fill = FillOf(s.boundary);
+    for (Plane* plane : {&states[1], &u, &v}) grid.FillBorder(plane->data(), fill);
+
+    // One pass: f, D_x and D_y straight from the tensors, the maps (as in
+    // solver.stencil_coefficients), and the first step.
+    const Settings k = s;  // a local copy: the stores below cannot alias it
+    const int64_t row = grid.row, block = unit.block, channels = g.channels;
+    const float *in_f = g.Base(inputs[0], unit), *in_dx = g.Base(inputs[2], unit),
+                *in_dy = g.Base(inputs[3], unit);
+    const Lanes *pu = u.data(), *pv = v.data(), *h = states[1].data();
+    Lanes *pf = f.data(), *pdx = d_x.data(), *pdy = d_y.data();
+    Coefficients* pc = c.data();
+    Lanes* next = s.steps == 1 && !keep_all ? nullptr : states[2].data();
+    float* out = s.steps == 1 && output ? g.Base(output, unit) : nullptr;
+    for (int64_t i = 0; i < grid.height; ++i) {
+      const int64_t first = grid.at(i, 0), tensor_row = i * grid.width * channels;
+      for (int64_t j = 0; j < grid.width; ++j) {
+        const int64_t q = first + j, t = tensor_row + j * channels;
+        const Lanes f_q = shared ? h[q] : Load<kFull>(in_f + t, block);
+        Lanes d_x_q = Load<kFull>(in_dx + t, block), d_y_q = Load<kFull>(in_dy + t, block);
+        if (k.rectify) {
+          // ReLU: the gradient's mask is then (map > 0), as pre > 0 exactly when ReLU(pre) > 0.
+          d_x_q = d_x_q > 0.0f ? d_x_q : kZero;
+          d_y_q = d_y_q > 0.0f ? d_y_q : kZero;
+        }
+        if (keep_all) pf[q] = f_q, pdx[q] = d_x_q, pdy[q] = d_y_q;
+        const Lanes u_x = (pu[q + row] - pu[q - row]) * k.half_over_dx;
+        const Lanes v_y = (pv[q + 1] - pv[q - 1]) * k.half_over_dy;
+        const Lanes a_x = pu[q] * k.dt_over_dx, a_y = pv[q] * k.dt_over_dy;
+        const Lanes two_b_x = d_x_q * k.two_dt_over_dx2;
+        const Lanes two_b_y = d_y_q * k.two_dt_over_dy2;
+        const Lanes inv = 1.0f / (1.0f + two_b_x + two_b_y);
+        const Coefficients m = {(1.0f - two_b_x - two_b_y) * inv,
+                                (u_x + v_y) * k.minus_two_dt * inv,
+                                (two_b_x - a_x) * inv, (two_b_x + a_x) * inv,
+                                (two_b_y - a_y) * inv, (two_b_y + a_y) * inv,
+                                k.two_dt * inv * f_q, inv};
+        if (store_maps) pc[q] = m;
+        const Lanes h_1 = m.a * f_q + m.driven + m.b * h[q] + m.x_next * h[q + row] +
+                          m.x_previous * h[q - row] + m.y_next * h[q + 1] +
+                          m.y_previous * h[q - 1];
+        if (out) {
+          Store<kFull>(h_1, out + t, block);
+        } else {
+          next[q] = h_1;
+        }
+      }
+    }
+    // The adjoint reads the maps across the border; the forward never does.
+    if (keep_all) FillCoefficientBorder(grid, s.boundary, c.data());
+    if (next) grid.FillBorder(next, fill);
+    // The other steps, from the planes; H^{-1} = f is only read by the first.
+    for (int step = 1; step < s.steps; ++step) {
+      const size_t cur = keep_all ? step + 1 : (step + 1) % 3;
+      const size_t after = keep_all ? step + 2 : (step + 2) % 3;
+      const Lanes* previous = states[keep_all ? step : step % 3].data();
+      const Lanes* h_k = states[cur].data();
+      const bool last = step + 1 == s.steps;
+      if (last && !keep_all) {  // straight into the output tensor
+        float* base = g.Base(output, unit);
+        for (int64_t i = 0; i < grid.height; ++i) {
+          const int64_t first = grid.at(i, 0), tensor_row = i * grid.width * channels;
+          for (int64_t j = 0; j < grid.width; ++j) {
+            const int64_t q = first + j;
+            const Coefficients& m = pc[q];
+            Store<kFull>(m.a * previous[q] + m.driven + m.b * h_k[q] +
+                             m.x_next * h_k[q + row] + m.x_previous * h_k[q - row] +
+                             m.y_next * h_k[q + 1] + m.y_previous * h_k[q - 1],
+                         base + tensor_row + j * channels, block);
+          }
+        }
+        break;
+      }
+      Lanes* after_k = states[after].data();
       ForEachCell(grid, [&](int64_t q) {
         const Coefficients& m = pc[q];
-        out[q] = m.a * previous[q] + m.driven + m.b * h[q] + m.x_next * h[q + row] +
-                 m.x_previous * h[q - row] + m.y_next * h[q + 1] + m.y_previous * h[q - 1];
+        after_k[q] = m.a * previous[q] + m.driven + m.b * h_k[q] + m.x_next * h_k[q + row] +
+                     m.x_previous * h_k[q - row] + m.y_next * h_k[q + 1] +
+                     m.y_previous * h_k[q - 1];
       });
-      if (k + 1 < s.steps || keep_all) grid.FillBorder(out, fill);
+      grid.FillBorder(after_k, fill);
     }
-    return states[keep_all ? s.steps + 1 : (s.steps + 1) % 3];
+    return keep_all ? &states[s.steps + 1] : nullptr;
   }
 };
 
@@ -625,7 +673,11 @@ class SolveOp : public OpKernel {
     const Grid grid(g.height, g.width);
     const int64_t cost = g.cells * kLanes * (30 + 15 * settings_.steps);
     ForEachUnit(context, g, cost, workspaces_, [&](const Unit& unit, Forward& forward) {
-      grid.Scatter(g, forward.Run(g, grid, unit, settings_, inputs, false).data(), unit, out);
+      if (unit.block == kLanes) {
+        forward.Run<true>(g, grid, unit, settings_, inputs, out);
+      } else {
+        forward.Run<false>(g, grid, unit, settings_, inputs, out);
+      }
     });
   }
 
@@ -659,10 +711,11 @@ class SolveGradOp : public OpKernel {
     const int64_t cost = g.cells * kLanes * (80 + 45 * settings_.steps);
     ForEachUnit(context, g, cost, workspaces_,
                                     [&](const Unit& unit, ForwardAndBackward& work) {
-      work.forward.Run(g, grid, unit, settings_, inputs, true);
       if (unit.block == kLanes) {
+        work.forward.Run<true>(g, grid, unit, settings_, inputs, nullptr);
         work.backward.Run<true>(g, grid, unit, settings_, work.forward, grad_solution, outputs);
       } else {
+        work.forward.Run<false>(g, grid, unit, settings_, inputs, nullptr);
         work.backward.Run<false>(g, grid, unit, settings_, work.forward, grad_solution, outputs);
       }
     });

@@ -736,14 +736,12 @@ class SolveGradOp : public OpKernel {
 
 // A unit's channels of an NHWC tensor with a zero border: (height + 2) x (width + 2).
 void GatherPadded(const Geometry& g, const float* tensor, const Unit& unit, Plane& padded) {
-  const int64_t padded_width = g.width + 2;
-  padded.assign((g.height + 2) * padded_width, kZero);
-  const float* base = tensor + unit.image * g.cells * g.channels + unit.channel;
-  for (int64_t i = 0; i < g.height; ++i) {
-    for (int64_t j = 0; j < g.width; ++j) {
-      std::memcpy(&padded[(i + 1) * padded_width + j + 1], base + (i * g.width + j) * g.channels,
-                  unit.block * sizeof(float));
-    }
+  const Grid grid(g.height, g.width);
+  padded.resize(grid.size);
+  grid.Gather(g, tensor, unit, padded.data());
+  grid.FillBorder(padded.data(), Fill::kZero);
+  for (int64_t i : {int64_t{-1}, g.height}) {  // the corners too: the 3x3 window reads them
+    for (int64_t j : {int64_t{-1}, g.width}) padded[grid.at(i, j)] = kZero;
   }
 }
 
@@ -805,32 +803,48 @@ class DepthwiseOp : public OpKernel {
     if (problem.empty()) return;
     ForEachUnit(context, g, g.cells * kLanes * 20 * maps, workspaces_,
                 [&](const Unit& unit, Workspace& workspace) {
-      auto& [padded, map, taps] = workspace;
-      GatherPadded(g, problem.x, unit, padded);
-      GatherTaps(problem.w, g.channels, maps, unit, taps);
-      map.resize(g.cells);
-      for (int64_t k = 0; k < maps; ++k) {
-        const Lanes* t = &taps[k * 9];
-        for (int64_t i = 0; i < g.height; ++i) {
-          const Lanes* row0 = &padded[i * padded_width];
-          const Lanes* row1 = row0 + padded_width;
-          const Lanes* row2 = row1 + padded_width;
-          for (int64_t j = 0; j < g.width; ++j) {
-            map[i * g.width + j] = row0[j] * t[0] + row0[j + 1] * t[1] + row0[j + 2] * t[2] +
-                                   row1[j] * t[3] + row1[j + 1] * t[4] + row1[j + 2] * t[5] +
-                                   row2[j] * t[6] + row2[j + 1] * t[7] + row2[j + 2] * t[8];
-          }
-        }
-        g.Scatter(map, unit, outputs[k]);
+      if (unit.block == kLanes) {
+        Maps<true>(g, problem, unit, workspace, outputs);
+      } else {
+        Maps<false>(g, problem, unit, workspace, outputs);
       }
     });
   }
 
  private:
   struct Workspace {
-    Plane padded, map;
+    Plane padded;
     std::vector<Lanes> taps;
   };
+
+  // One unit's maps, each written straight into its output.
+  template <bool kFull>
+  static void Maps(const Geometry& g, const DepthwiseProblem& problem, const Unit& unit,
+                   Workspace& workspace, const std::vector<float*>& outputs) {
+    auto& [padded, taps] = workspace;
+    const int64_t maps = problem.maps, padded_width = problem.padded_width;
+    const int64_t channels = g.channels, block = unit.block;
+    GatherPadded(g, problem.x, unit, padded);
+    GatherTaps(problem.w, g.channels, maps, unit, taps);
+    for (int64_t k = 0; k < maps; ++k) {
+      Lanes t[9];  // a local copy: the stores below cannot alias it
+      std::copy(&taps[k * 9], &taps[k * 9] + 9, t);
+      float* out = g.Base(outputs[k], unit);
+      for (int64_t i = 0; i < g.height; ++i) {
+        const Lanes* row0 = &padded[i * padded_width];
+        const Lanes* row1 = row0 + padded_width;
+        const Lanes* row2 = row1 + padded_width;
+        float* out_row = out + i * g.width * channels;
+        for (int64_t j = 0; j < g.width; ++j) {
+          Store<kFull>(row0[j] * t[0] + row0[j + 1] * t[1] + row0[j + 2] * t[2] +
+                           row1[j] * t[3] + row1[j + 1] * t[4] + row1[j + 2] * t[5] +
+                           row2[j] * t[6] + row2[j + 1] * t[7] + row2[j + 2] * t[8],
+                       out_row + j * channels, block);
+        }
+      }
+    }
+  }
+
   WorkspacePool<Workspace> workspaces_;
 };
 
@@ -869,7 +883,8 @@ class DepthwiseGradOp : public OpKernel {
       Lanes* unit_partial = &partial[(unit.image * g.blocks + unit.channel / kLanes) * 9 * maps];
       for (int64_t k = 0; k < maps; ++k) {
         GatherPadded(g, grads[k], unit, padded_g);
-        const Lanes* t = &taps[k * 9];
+        Lanes t[9];  // a local copy: the stores below cannot alias it
+        std::copy(&taps[k * 9], &taps[k * 9] + 9, t);
         Lanes sums[9] = {};
         for (int64_t i = 0; i < g.height; ++i) {
           for (int64_t j = 0; j < g.width; ++j) {

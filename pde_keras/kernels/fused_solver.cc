@@ -885,7 +885,7 @@ class DepthwiseGradOp : public OpKernel {
         GatherPadded(g, grads[k], unit, padded_g);
         Lanes t[9];  // a local copy: the stores below cannot alias it
         std::copy(&taps[k * 9], &taps[k * 9] + 9, t);
-        Lanes sums[9] = {};
+        // Two loops, each with few enough live vectors to stay in registers.
         for (int64_t i = 0; i < g.height; ++i) {
           for (int64_t j = 0; j < g.width; ++j) {
             // dx[i, j] = sum_{a, b} g[i - a + 1, j - b + 1] kernel[a, b] (padded: + 1).
@@ -895,8 +895,13 @@ class DepthwiseGradOp : public OpKernel {
             grad[i * g.width + j] += g2[2] * t[0] + g2[1] * t[1] + g2[0] * t[2] +
                                      g1[2] * t[3] + g1[1] * t[4] + g1[0] * t[5] +
                                      g0[2] * t[6] + g0[1] * t[7] + g0[0] * t[8];
+          }
+        }
+        Lanes sums[9] = {};
+        for (int64_t i = 0; i < g.height; ++i) {
+          for (int64_t j = 0; j < g.width; ++j) {
             // d kernel[a, b] += x[i + a - 1, j + b - 1] g[i, j].
-            const Lanes gij = g1[1];
+            const Lanes gij = padded_g[(i + 1) * padded_width + j + 1];
             const Lanes* x0 = &padded_x[i * padded_width + j];
             const Lanes* x1 = x0 + padded_width;
             const Lanes* x2 = x1 + padded_width;

@@ -3,8 +3,9 @@
 // Computes exactly what pde_keras/solver.py's keras.ops solver computes (that
 // solver is the reference; the stencil and the coefficient formulas below
 // mirror `stencil_coefficients` and `_step_function` term by term), but one
-// (image, channel block) at a time, with every intermediate tensor held in
-// small per-thread buffers instead of whole tensors streamed through memory:
+// (image, channel block) at a time, with every intermediate held in per-unit
+// planes (with a ghost border, see Grid) instead of whole tensors streamed
+// through memory:
 //
 //   L H^{k+1} = M H^{k-1} - 2 (u_x + v_y) dt H^k + 2 dt f
 //               + (-A_x + 2 B_x) H^k_{x+1} + (A_x + 2 B_x) H^k_{x-1}
@@ -17,10 +18,12 @@
 // PdeKerasSolve(source f, initial H^0, D_x, D_y, u, v) -> H^K.
 // PdeKerasSolveGrad(same inputs, dL/dH^K) -> dL/d(f, H^0, D_x, D_y, u, v):
 // recomputes the K states, runs the adjoint recurrence backwards
-//   G^k += b G^{k+1} + sum_n S_n^T(c_n G^{k+1}),   G^{k-1} += a G^{k+1},
-// accumulates the coefficient maps' gradients (dc_n += G^{k+1} S_n(H^k), ...)
-// and chains them to D_x, D_y, u, v (u_x, v_y through the transposed
-// central differences).
+//   G^k += b G^{k+1} + sum_n S_n^T(c_n G^{k+1}),   G^{k-1} += a G^{k+1}
+// (in gather form: the transposed shifts read the same offsets), keeps six
+// per-cell sums over the steps (see Sums) and chains them to D_x, D_y, u, v
+// (u_x, v_y through the transposed central differences). With the attr
+// shared_initial (f and H^0 one tensor) output 0 is dL/df + dL/dH^0 and
+// output 1 is empty.
 //
 // PdeKerasDepthwiseMaps(x, kernel (3, 3, C, m)) -> m maps: the Global layer's
 // depth-wise 3x3 coefficient conv ("same"), one output per map, and its

@@ -137,20 +137,7 @@ struct Geometry {
     return tensor + unit.image * cells * channels + unit.channel;
   }
 
-  // Copies the unit's channels of an NHWC tensor into a plane.
-  void Gather(const float* tensor, const Unit& unit, Plane& plane) const {
-    plane.resize(cells);
-    const float* base = Base(tensor, unit);
-    if (unit.block == kLanes) {  // a fixed-size copy compiles to one vector load
-      for (int64_t p = 0; p < cells; ++p) std::memcpy(&plane[p], base + p * channels, sizeof(Lanes));
-      return;
-    }
-    std::fill(plane.begin(), plane.end(), kZero);
-    for (int64_t p = 0; p < cells; ++p) {
-      std::memcpy(&plane[p], base + p * channels, unit.block * sizeof(float));
-    }
-  }
-
+  // Copies a plane (unpadded) into the unit's channels of an NHWC tensor.
   void Scatter(const Plane& plane, const Unit& unit, float* tensor) const {
     float* base = Base(tensor, unit);
     if (unit.block == kLanes) {
@@ -796,7 +783,7 @@ class DepthwiseOp : public OpKernel {
     const DepthwiseProblem problem(context, context->num_outputs());
     if (!context->status().ok()) return;
     const Geometry& g = problem.g;
-    const int64_t maps = problem.maps, padded_width = problem.padded_width;
+    const int64_t maps = problem.maps;
     std::vector<float*> outputs(maps);
     for (int64_t k = 0; k < maps; ++k) {
       Tensor* output = nullptr;

@@ -1,7 +1,7 @@
 """Forward+backward time of the Global layer against a 3x3 Conv2D.
 
     python -m benchmarks.layer [--jit_compile] [--paths=compiled --paths=reference]
-                               [--output=layer.json]
+                               [--pieces] [--output=layer.json]
 
 Measures, in one process and interleaved, training-mode fwd+bwd (gradients
 with respect to the input and the weights) of `GlobalLayer` with K=1 and
@@ -10,7 +10,10 @@ the medians and the ratios to the convolution. Every Global case runs once
 per solver path (`PDE_KERAS_SOLVER`: the compiled kernel and the keras.ops
 reference on TensorFlow, the reference on JAX); `solver_K5` is the solver
 alone, its coefficient maps given (gradients with respect to f = H^0 and
-the four maps D_x, D_y, u, v).
+the four maps D_x, D_y, u, v). `--pieces` adds the layer's parts one by
+one: the solver alone at K=1, the depth-wise coefficient conv (four maps),
+one batch normalisation (as the layer runs it in training mode on that
+path) and one ReLU.
 """
 
 import os
@@ -38,6 +41,7 @@ def define_flags():
     flags.DEFINE_boolean("jit_compile", False, "Compile each step with XLA.")
     flags.DEFINE_multi_enum("paths", None, ["compiled", "reference"],
                             "Solver paths to measure (default: every path this backend has).")
+    flags.DEFINE_boolean("pieces", False, "Also time the layer's parts one by one.")
     flags.DEFINE_string("output", None, "Also write the results as JSON to this path.")
 
 
@@ -58,10 +62,39 @@ class SolverAlone(keras.layers.Layer):
         return solver.solve_advection_diffusion(inputs, inputs, (d_x, d_y), (u, v), self.steps)
 
 
-def run(batch_size, size, channels, steps, rounds, warmup, jit_compile, paths=None):
+class DepthwiseMaps(keras.layers.Layer):
+    """The Global layer's depth-wise coefficient conv, four maps, as each path runs it."""
+
+    def build(self, input_shape):
+        self.conv = keras.layers.DepthwiseConv2D(3, padding="same", use_bias=False,
+                                                 depth_multiplier=4)
+        self.conv.build(input_shape)
+
+    def call(self, inputs):
+        if fused_solver.use_compiled(inputs.dtype):
+            return fused_solver.depthwise_maps(inputs, self.conv.kernel)
+        return self.conv(inputs)
+
+
+class BatchNorm(keras.layers.Layer):
+    """One BatchNormalization, as the Global layer runs it in training mode on each path."""
+
+    def build(self, input_shape):
+        self.norm = keras.layers.BatchNormalization()
+        self.norm.build(input_shape)
+
+    def call(self, inputs, training=None):
+        if training and fused_solver.use_compiled(inputs.dtype):
+            return fused_solver.batch_normalization_training(self.norm, inputs)
+        return self.norm(inputs, training=training)
+
+
+def run(batch_size, size, channels, steps, rounds, warmup, jit_compile, paths=None,
+        pieces=False):
     """Returns {case: median seconds} and {case: ratio to the Conv2D}.
 
-    Cases are `conv2d_3x3` and `<case>/<path>` for each solver path.
+    Cases are `conv2d_3x3` and `<case>/<path>` for each solver path
+    (`relu` has no path).
     """
     shape = (batch_size, size, size, channels)
     inputs = timing.random_inputs(shape)
@@ -71,10 +104,17 @@ def run(batch_size, size, channels, steps, rounds, warmup, jit_compile, paths=No
     for path in paths or fused_solver.available_paths():
         layers = {f"global_K{k}": pde_keras.GlobalLayer(steps=k) for k in steps}
         layers["solver_K5"] = SolverAlone(5)
+        if pieces:
+            layers.update(solver_K1=SolverAlone(1), depthwise_4=DepthwiseMaps(),
+                          batch_norm=BatchNorm())
         for name, layer in layers.items():
             layer.build(shape)
             cases[f"{name}/{path}"] = timing.on_solver_path(
                 path, timing.gradient_step(layer, inputs, jit_compile))
+    if pieces:
+        relu = keras.layers.ReLU()
+        relu.build(shape)
+        cases["relu"] = timing.gradient_step(relu, inputs, jit_compile)
     medians = timing.measure(cases, rounds, warmup)
     ratios = {name: t / medians["conv2d_3x3"] for name, t in medians.items()}
     return medians, ratios
@@ -83,7 +123,8 @@ def run(batch_size, size, channels, steps, rounds, warmup, jit_compile, paths=No
 def main(argv):
     del argv
     medians, ratios = run(FLAGS.batch_size, FLAGS.size, FLAGS.channels, FLAGS.steps,
-                          FLAGS.rounds, FLAGS.warmup, FLAGS.jit_compile, FLAGS.paths)
+                          FLAGS.rounds, FLAGS.warmup, FLAGS.jit_compile, FLAGS.paths,
+                          FLAGS.pieces)
     print(f"backend={keras.backend.backend()} jit_compile={FLAGS.jit_compile} "
           f"input=({FLAGS.batch_size}, {FLAGS.size}, {FLAGS.size}, {FLAGS.channels}) "
           f"cpus={os.cpu_count()}")

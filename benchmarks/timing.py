@@ -18,8 +18,9 @@ def gradient_step(layer, inputs, jit_compile):
     """Returns a no-argument callable: one training-mode fwd+bwd of `layer`.
 
     The gradient is taken with respect to the input and every trainable
-    weight of `sum(layer(x)^2)`, as inside a network; the callable blocks
-    until the result is computed.
+    weight of `sum(layer(x)^2)` (summed over every output if the layer
+    returns several), as inside a network; the callable blocks until the
+    result is computed.
     """
     backend = keras.backend.backend()
     if backend == "tensorflow":
@@ -32,7 +33,8 @@ def gradient_step(layer, inputs, jit_compile):
             with tf.GradientTape() as tape:
                 tape.watch(x)
                 y = layer(x, training=True)
-                loss = tf.reduce_sum(tf.square(tf.cast(y, "float32")))
+                loss = sum(tf.reduce_sum(tf.square(tf.cast(o, "float32")))
+                           for o in tf.nest.flatten(y))
             return tape.gradient(loss, [x] + layer.trainable_variables)
 
         return lambda: [g.numpy() for g in step() if g is not None]
@@ -49,7 +51,7 @@ def gradient_step(layer, inputs, jit_compile):
 
         def loss_fn(trainable, x):
             y, _ = layer.stateless_call(trainable, non_trainable, x, **kwargs)
-            return jnp.sum(jnp.square(y.astype("float32")))
+            return sum(jnp.sum(jnp.square(o.astype("float32"))) for o in jax.tree_util.tree_leaves(y))
 
         grad = jax.grad(loss_fn, argnums=(0, 1))
         if jit_compile:

@@ -140,8 +140,13 @@ def _register_gradient(tf, library):
     @tf.RegisterGradient("PdeKerasSolve")
     def _solve_gradient(op, grad_solution):
         attrs = {name: op.get_attr(name)
-                 for name in ("steps", "dt", "dx", "dy", "boundary", "rectify")}
-        return library.pde_keras_solve_grad(*op.inputs, grad_solution, **attrs)
+                 for name in ("steps", "dt", "dx", "dy", "boundary", "rectify", "shared_initial")}
+        grads = library.pde_keras_solve_grad(*op.inputs, grad_solution, **attrs)
+        if attrs["shared_initial"]:
+            # One tensor is both f and H^0: its whole gradient is the first
+            # output (the second is empty), so no sum of two copies follows.
+            return [grads[0], None, *grads[2:]]
+        return grads
 
     @tf.RegisterGradient("PdeKerasDepthwiseMaps")
     def _depthwise_gradient(op, *grad_maps):
@@ -256,4 +261,5 @@ def solve(source, initial, diffusivity, velocity, steps, dt, dx, dy, boundary, r
     `rectify`: ReLU the four coefficient maps first."""
     return library().pde_keras_solve(
         source, initial, diffusivity[0], diffusivity[1], velocity[0], velocity[1],
-        steps=steps, dt=dt, dx=dx, dy=dy, boundary=boundary, rectify=rectify)
+        steps=steps, dt=dt, dx=dx, dy=dy, boundary=boundary, rectify=rectify,
+        shared_initial=source is initial)

@@ -110,6 +110,38 @@ def test_rectified_coefficients_match_the_reference(boundary, steps):
 
 
 @tensorflow_only
+@pytest.mark.usefixtures("restore_path")
+@pytest.mark.parametrize("graph", [False, True])
+@pytest.mark.parametrize("steps", [1, 3])
+@pytest.mark.parametrize("boundary", BOUNDARIES)
+def test_one_tensor_as_source_and_initial_state(boundary, steps, graph):
+    """f and H^0 one tensor (the Global layer's case): the kernel's gradient
+    op then writes their sum once; it must equal the reference's sum."""
+    import tensorflow as tf
+
+    arrays = _problem((2, 6, 5, 11), seed=12)
+    weights = np.random.default_rng(98).standard_normal(arrays[0].shape).astype("float32")
+    x, *maps = (tf.constant(a) for a in [arrays[0]] + arrays[2:])
+
+    def run():
+        with tf.GradientTape() as tape:
+            tape.watch([x] + maps)
+            out = solver.solve_advection_diffusion(x, x, maps[:2], maps[2:], steps,
+                                                   boundary=boundary)
+            loss = tf.reduce_sum(out * weights)
+        return [out] + tape.gradient(loss, [x] + maps)
+
+    results = {}
+    for path in ("compiled", "reference"):
+        os.environ[fused_solver.ENVIRONMENT_VARIABLE] = path
+        results[path] = [t.numpy() for t in (tf.function(run)() if graph else run())]
+    for name, actual, expected in zip(["H^K", "x", "D_x", "D_y", "u", "v"],
+                                      results["compiled"], results["reference"]):
+        error = _max_relative_error(actual, expected)
+        assert error <= 1e-5, f"{name}: max relative error {error:.2e}"
+
+
+@tensorflow_only
 @pytest.mark.parametrize("shape, maps", [((2, 7, 9, 3), 4), ((1, 5, 1, 2), 2), ((1, 4, 6, 11), 1)])
 def test_depthwise_maps_match_tensorflows_depthwise_conv(shape, maps):
     """Forward and both gradients against tf.nn.depthwise_conv2d (output

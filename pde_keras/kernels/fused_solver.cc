@@ -3,8 +3,9 @@
 // Computes exactly what pde_keras/solver.py's keras.ops solver computes (that
 // solver is the reference; the stencil and the coefficient formulas below
 // mirror `stencil_coefficients` and `_step_function` term by term), but one
-// (image, channel block) at a time, with every intermediate tensor held in
-// small per-thread buffers instead of whole tensors streamed through memory:
+// (image, channel block) at a time, with every intermediate held in per-unit
+// planes (with a ghost border, see Grid) instead of whole tensors streamed
+// through memory:
 //
 //   L H^{k+1} = M H^{k-1} - 2 (u_x + v_y) dt H^k + 2 dt f
 //               + (-A_x + 2 B_x) H^k_{x+1} + (A_x + 2 B_x) H^k_{x-1}
@@ -17,10 +18,12 @@
 // PdeKerasSolve(source f, initial H^0, D_x, D_y, u, v) -> H^K.
 // PdeKerasSolveGrad(same inputs, dL/dH^K) -> dL/d(f, H^0, D_x, D_y, u, v):
 // recomputes the K states, runs the adjoint recurrence backwards
-//   G^k += b G^{k+1} + sum_n S_n^T(c_n G^{k+1}),   G^{k-1} += a G^{k+1},
-// accumulates the coefficient maps' gradients (dc_n += G^{k+1} S_n(H^k), ...)
-// and chains them to D_x, D_y, u, v (u_x, v_y through the transposed
-// central differences).
+//   G^k += b G^{k+1} + sum_n S_n^T(c_n G^{k+1}),   G^{k-1} += a G^{k+1}
+// (in gather form: the transposed shifts read the same offsets), keeps six
+// per-cell sums over the steps (see Sums) and chains them to D_x, D_y, u, v
+// (u_x, v_y through the transposed central differences). With the attr
+// shared_initial (f and H^0 one tensor) output 0 is dL/df + dL/dH^0 and
+// output 1 is empty.
 //
 // PdeKerasDepthwiseMaps(x, kernel (3, 3, C, m)) -> m maps: the Global layer's
 // depth-wise 3x3 coefficient conv ("same"), one output per map, and its
@@ -34,7 +37,10 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <memory>
+#include <mutex>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "tensorflow/core/framework/op.h"
@@ -59,29 +65,17 @@ constexpr int64_t kLanes = 8;
 typedef float Lanes __attribute__((vector_size(kLanes * sizeof(float))));
 // A plane: one Lanes per cell of an (image, channel block), row-major.
 using Plane = std::vector<Lanes>;
-// Ghost cell of value zero (dirichlet): a neighbour index of -1.
-constexpr int64_t kZeroGhost = -1;
 const Lanes kZero = {};
 
 enum class Boundary { kPeriodic, kNeumann, kDirichlet };
-
-// Index of the cell `index + offset` along an axis of `size` cells, or
-// kZeroGhost: the ghost-cell rule of solver.neighbours.
-int64_t NeighbourIndex(int64_t index, int64_t offset, int64_t size, Boundary boundary) {
-  const int64_t target = index + offset;
-  if (target >= 0 && target < size) return target;
-  switch (boundary) {
-    case Boundary::kPeriodic: return (target + size) % size;
-    case Boundary::kNeumann: return target < 0 ? 0 : size - 1;
-    case Boundary::kDirichlet: return kZeroGhost;
-  }
-  return kZeroGhost;
-}
 
 struct Settings {
   int steps;
   Boundary boundary;
   bool rectify;  // D_x, D_y, u, v are given before their ReLU
+  // H^0 is f (one tensor): the gradient writes dL/df + dL/dH^0 as output 0
+  // and an empty output 1.
+  bool shared_initial;
   // The scheme's constants, computed in double as the Python reference does
   // with Python floats, then rounded once.
   float half_over_dx, half_over_dy;        // central differences
@@ -98,6 +92,7 @@ struct Settings {
     OP_REQUIRES_OK(context, context->GetAttr("dy", &dy));
     OP_REQUIRES_OK(context, context->GetAttr("boundary", &name));
     OP_REQUIRES_OK(context, context->GetAttr("rectify", &rectify));
+    OP_REQUIRES_OK(context, context->GetAttr("shared_initial", &shared_initial));
     boundary = name == "periodic" ? Boundary::kPeriodic
                : name == "neumann" ? Boundary::kNeumann : Boundary::kDirichlet;
     const double t = dt, x = dx, y = dy;
@@ -111,35 +106,6 @@ struct Settings {
     two_dt = 2.0 * t;
   }
 };
-
-// The four neighbours of every cell of one (height x width) plane, as cell
-// indices, or kZeroGhost.
-struct Neighbours {
-  std::vector<int64_t> x_next, x_previous, y_next, y_previous;
-
-  Neighbours(int64_t height, int64_t width, Boundary boundary) {
-    const int64_t cells = height * width;
-    x_next.resize(cells), x_previous.resize(cells), y_next.resize(cells), y_previous.resize(cells);
-    for (int64_t i = 0; i < height; ++i) {
-      for (int64_t j = 0; j < width; ++j) {
-        const int64_t p = i * width + j;
-        const int64_t xn = NeighbourIndex(i, 1, height, boundary);
-        const int64_t xp = NeighbourIndex(i, -1, height, boundary);
-        const int64_t yn = NeighbourIndex(j, 1, width, boundary);
-        const int64_t yp = NeighbourIndex(j, -1, width, boundary);
-        x_next[p] = xn == kZeroGhost ? kZeroGhost : xn * width + j;
-        x_previous[p] = xp == kZeroGhost ? kZeroGhost : xp * width + j;
-        y_next[p] = yn == kZeroGhost ? kZeroGhost : i * width + yn;
-        y_previous[p] = yp == kZeroGhost ? kZeroGhost : i * width + yp;
-      }
-    }
-  }
-};
-
-// Neighbour `index` of a plane, or the zero ghost.
-inline const Lanes& At(const Lanes* plane, int64_t index) {
-  return index == kZeroGhost ? kZero : plane[index];
-}
 
 // One (image, channel block) unit: `block` (<= kLanes) channels starting at
 // `channel` of image `image`.
@@ -163,22 +129,17 @@ struct Geometry {
     return {index / blocks, channel, std::min(kLanes, channels - channel)};
   }
 
-  // Copies the unit's channels of an NHWC tensor into a plane.
-  void Gather(const float* tensor, const Unit& unit, Plane& plane) const {
-    plane.resize(cells);
-    const float* base = tensor + unit.image * cells * channels + unit.channel;
-    if (unit.block == kLanes) {  // a fixed-size copy compiles to one vector load
-      for (int64_t p = 0; p < cells; ++p) std::memcpy(&plane[p], base + p * channels, sizeof(Lanes));
-      return;
-    }
-    std::fill(plane.begin(), plane.end(), kZero);
-    for (int64_t p = 0; p < cells; ++p) {
-      std::memcpy(&plane[p], base + p * channels, unit.block * sizeof(float));
-    }
+  // The unit's channels of an NHWC tensor: the first cell's address.
+  const float* Base(const float* tensor, const Unit& unit) const {
+    return tensor + unit.image * cells * channels + unit.channel;
+  }
+  float* Base(float* tensor, const Unit& unit) const {
+    return tensor + unit.image * cells * channels + unit.channel;
   }
 
+  // Copies a plane (unpadded) into the unit's channels of an NHWC tensor.
   void Scatter(const Plane& plane, const Unit& unit, float* tensor) const {
-    float* base = tensor + unit.image * cells * channels + unit.channel;
+    float* base = Base(tensor, unit);
     if (unit.block == kLanes) {
       for (int64_t p = 0; p < cells; ++p) std::memcpy(base + p * channels, &plane[p], sizeof(Lanes));
       return;
@@ -189,190 +150,438 @@ struct Geometry {
   }
 };
 
-// The seven coefficient maps of one unit, divided through by L, plus 1/L.
-struct Coefficients {
-  Plane previous, centre, x_next, x_previous, y_next, y_previous, source, inv_l;
+// The same vector at any float-aligned address (one cell's channels of an
+// NHWC tensor; GCC's vector types may alias their element type).
+typedef float UnalignedLanes
+    __attribute__((vector_size(kLanes * sizeof(float)), aligned(sizeof(float))));
 
-  // From planes of D_x, D_y, u, v (solver.stencil_coefficients).
-  void Compute(const Plane& d_x, const Plane& d_y, const Plane& u, const Plane& v,
-               const Neighbours& nb, const Settings& s) {
-    const int64_t cells = u.size();
-    for (auto* map : {&previous, &centre, &x_next, &x_previous, &y_next, &y_previous, &source,
-                      &inv_l}) {
-      map->resize(cells);
-    }
-    for (int64_t p = 0; p < cells; ++p) {
-      const Lanes ux = (At(u.data(), nb.x_next[p]) - At(u.data(), nb.x_previous[p])) *
-                       s.half_over_dx;
-      const Lanes vy = (At(v.data(), nb.y_next[p]) - At(v.data(), nb.y_previous[p])) *
-                       s.half_over_dy;
-      const Lanes a_x = u[p] * s.dt_over_dx, a_y = v[p] * s.dt_over_dy;
-      const Lanes two_b_x = d_x[p] * s.two_dt_over_dx2;
-      const Lanes two_b_y = d_y[p] * s.two_dt_over_dy2;
-      const Lanes inv = 1.0f / (1.0f + two_b_x + two_b_y);
-      inv_l[p] = inv;
-      previous[p] = (1.0f - two_b_x - two_b_y) * inv;
-      centre[p] = (ux + vy) * s.minus_two_dt * inv;
-      x_next[p] = (two_b_x - a_x) * inv;
-      x_previous[p] = (two_b_x + a_x) * inv;
-      y_next[p] = (two_b_y - a_y) * inv;
-      y_previous[p] = (two_b_y + a_y) * inv;
-      source[p] = s.two_dt * inv;
-    }
-  }
-};
+// One cell's channels of an NHWC tensor (`block` of them, the rest zero) and
+// back; `kFull`: block == kLanes, one vector load or store.
+template <bool kFull>
+inline Lanes Load(const float* source, int64_t block) {
+  if (kFull) return *reinterpret_cast<const UnalignedLanes*>(source);
+  Lanes value = kZero;
+  std::memcpy(&value, source, block * sizeof(float));
+  return value;
+}
 
-// One step: next = a previous + driven + b current + sum_n c_n S_n(current).
-void Step(const Coefficients& c, const Plane& driven, const Plane& previous,
-          const Plane& current, const Neighbours& nb, Plane& next) {
-  const Lanes* h = current.data();
-  for (size_t p = 0; p < current.size(); ++p) {
-    next[p] = c.previous[p] * previous[p] + driven[p] + c.centre[p] * h[p] +
-              c.x_next[p] * At(h, nb.x_next[p]) + c.x_previous[p] * At(h, nb.x_previous[p]) +
-              c.y_next[p] * At(h, nb.y_next[p]) + c.y_previous[p] * At(h, nb.y_previous[p]);
+template <bool kFull>
+inline void Store(const Lanes& value, float* target, int64_t block) {
+  if (kFull) {
+    *reinterpret_cast<UnalignedLanes*>(target) = value;
+  } else {
+    std::memcpy(target, &value, block * sizeof(float));
   }
 }
 
-// Planes and results of one unit's forward pass.
-struct Forward {
-  Plane f, d_x, d_y, u, v, driven;
-  // states[k + 1] = H^k for k = -1 .. (the last state kept).
-  std::vector<Plane> states;
-  Coefficients c;
+// ---------------------------------------------------------------------------
+// The solver. Every plane of a unit is held with a one-cell ghost border,
+// (height + 2) x (width + 2) cells, so the stencil's neighbours are plain
+// offsets (+-1 cell along y, +-1 row along x) with no index tables and no
+// branches; the border is refilled by the boundary's rule after each step.
+// ---------------------------------------------------------------------------
 
-  // Loads the unit, computes the maps and runs the K steps. Keeps every
-  // state when `keep_all` (the gradient needs H^{-1} .. H^{K-1}); returns H^K.
-  const Plane& Run(const Geometry& g, const Unit& unit, const Neighbours& nb,
-                   const Settings& s, const float* const inputs[6], bool keep_all) {
-    g.Gather(inputs[0], unit, f);
-    g.Gather(inputs[2], unit, d_x);
-    g.Gather(inputs[3], unit, d_y);
-    g.Gather(inputs[4], unit, u);
-    g.Gather(inputs[5], unit, v);
-    if (s.rectify) {
-      // ReLU in place: the gradient's mask is then (map > 0), as pre > 0 exactly when ReLU(pre) > 0.
-      for (Plane* plane : {&d_x, &d_y, &u, &v}) {
-        for (Lanes& value : *plane) value = value > 0.0f ? value : kZero;
+// How a ghost border is filled: from the opposite edge (periodic), from the
+// nearest edge (neumann), with zeros (dirichlet), or with the nearest edge
+// negated (the transposed central difference under neumann, see Backward).
+enum class Fill { kWrap, kEdge, kZero, kNegatedEdge };
+
+Fill FillOf(Boundary boundary) {
+  switch (boundary) {
+    case Boundary::kPeriodic: return Fill::kWrap;
+    case Boundary::kNeumann: return Fill::kEdge;
+    case Boundary::kDirichlet: return Fill::kZero;
+  }
+  return Fill::kZero;
+}
+
+// A padded plane's geometry.
+struct Grid {
+  int64_t height, width, row, size;
+
+  Grid(int64_t height, int64_t width)
+      : height(height), width(width), row(width + 2), size((height + 2) * (width + 2)) {}
+
+  // Index of cell (i, j), -1 <= i <= height, -1 <= j <= width.
+  int64_t at(int64_t i, int64_t j) const { return (i + 1) * row + j + 1; }
+
+  // Fills the border of `plane` (corners are never read).
+  template <typename T>
+  void FillBorder(T* plane, Fill fill) const {
+    const T zero = {};
+    T* top = plane + at(-1, 0);
+    T* bottom = plane + at(height, 0);
+    const T* first = plane + at(0, 0);
+    const T* last = plane + at(height - 1, 0);
+    switch (fill) {
+      case Fill::kWrap: std::copy(last, last + width, top), std::copy(first, first + width, bottom);
+        break;
+      case Fill::kEdge: std::copy(first, first + width, top), std::copy(last, last + width, bottom);
+        break;
+      case Fill::kZero: std::fill(top, top + width, zero), std::fill(bottom, bottom + width, zero);
+        break;
+      case Fill::kNegatedEdge:
+        if constexpr (std::is_same_v<T, Lanes>) {
+          for (int64_t j = 0; j < width; ++j) top[j] = -first[j], bottom[j] = -last[j];
+        }
+        break;
+    }
+    for (int64_t i = 0; i < height; ++i) {
+      T* r = plane + at(i, 0);
+      switch (fill) {
+        case Fill::kWrap: r[-1] = r[width - 1], r[width] = r[0]; break;
+        case Fill::kEdge: r[-1] = r[0], r[width] = r[width - 1]; break;
+        case Fill::kZero: r[-1] = zero, r[width] = zero; break;
+        case Fill::kNegatedEdge:
+          if constexpr (std::is_same_v<T, Lanes>) r[-1] = -r[0], r[width] = -r[width - 1];
+          break;
       }
     }
-    c.Compute(d_x, d_y, u, v, nb, s);
-    driven.resize(g.cells);
-    for (int64_t p = 0; p < g.cells; ++p) driven[p] = c.source[p] * f[p];
-    // Forward: three rotating states; gradient: all K + 2.
-    const size_t count = keep_all ? s.steps + 2 : 3;
-    if (states.size() < count) states.resize(count);
-    for (size_t i = 0; i < count; ++i) states[i].resize(g.cells);
-    states[0] = f;
-    g.Gather(inputs[1], unit, states[1]);
-    for (int k = 0; k < s.steps; ++k) {
-      const size_t prev = keep_all ? k : k % 3, cur = keep_all ? k + 1 : (k + 1) % 3,
-                   next = keep_all ? k + 2 : (k + 2) % 3;
-      Step(c, driven, states[prev], states[cur], nb, states[next]);
+  }
+
+  // Copies the unit's channels of an NHWC tensor into the interior of a
+  // padded plane, ReLU'd if `rectify`.
+  void Gather(const Geometry& g, const float* tensor, const Unit& unit, Lanes* plane,
+              bool rectify = false) const {
+    if (unit.block == kLanes) {
+      rectify ? GatherRows<true, true>(g, tensor, unit, plane)
+              : GatherRows<true, false>(g, tensor, unit, plane);
+    } else {
+      rectify ? GatherRows<false, true>(g, tensor, unit, plane)
+              : GatherRows<false, false>(g, tensor, unit, plane);
     }
-    return states[keep_all ? s.steps + 1 : (s.steps + 1) % 3];
+  }
+
+  // The interior of a padded plane into the unit's channels of an NHWC
+  // tensor; zero where `mask` (if given) is not positive.
+  void Scatter(const Geometry& g, const Lanes* plane, const Unit& unit, float* tensor,
+               const Lanes* mask = nullptr) const {
+    if (unit.block == kLanes) {
+      mask ? ScatterRows<true, true>(g, plane, unit, tensor, mask)
+           : ScatterRows<true, false>(g, plane, unit, tensor, mask);
+    } else {
+      mask ? ScatterRows<false, true>(g, plane, unit, tensor, mask)
+           : ScatterRows<false, false>(g, plane, unit, tensor, mask);
+    }
+  }
+
+  template <bool kFull, bool kRectify>
+  void GatherRows(const Geometry& g, const float* tensor, const Unit& unit, Lanes* plane) const {
+    const float* base = g.Base(tensor, unit);
+    const int64_t channels = g.channels, block = unit.block, rows = height, columns = width;
+    for (int64_t i = 0; i < rows; ++i) {
+      Lanes* r = plane + at(i, 0);
+      const float* source = base + i * columns * channels;
+      for (int64_t j = 0; j < columns; ++j) {
+        const Lanes value = Load<kFull>(source + j * channels, block);
+        r[j] = kRectify ? (value > 0.0f ? value : kZero) : value;
+      }
+    }
+  }
+
+  template <bool kFull, bool kMask>
+  void ScatterRows(const Geometry& g, const Lanes* plane, const Unit& unit, float* tensor,
+                   const Lanes* mask) const {
+    float* base = g.Base(tensor, unit);
+    const int64_t channels = g.channels, block = unit.block, rows = height, columns = width;
+    for (int64_t i = 0; i < rows; ++i) {
+      const Lanes* r = plane + at(i, 0);
+      const Lanes* m = kMask ? mask + at(i, 0) : nullptr;
+      float* target = base + i * columns * channels;
+      for (int64_t j = 0; j < columns; ++j) {
+        Store<kFull>(kMask ? (m[j] > 0.0f ? r[j] : kZero) : r[j], target + j * channels, block);
+      }
+    }
   }
 };
 
-// The adjoint pass of one unit.
-struct Backward {
-  // Adjoint states G^{k+1}, G^k, G^{k-1} (rotating) and the gradients of
-  // the seven coefficient maps, then of f, D_x, D_y, u, v.
-  Plane g_next, g_current, g_previous;
-  Plane d_previous, d_centre, d_x_next, d_x_previous, d_y_next, d_y_previous, d_source, d_f,
-      d_dx, d_dy, d_u, d_v;
+// Runs `body(q)` for the index q of every interior cell, row by row.
+template <typename Body>
+inline void ForEachCell(const Grid& grid, Body body) {
+  for (int64_t i = 0; i < grid.height; ++i) {
+    const int64_t first = grid.at(i, 0);
+    for (int64_t q = first; q < first + grid.width; ++q) body(q);
+  }
+}
 
-  // One step k backwards: g_next = G^{k+1} (complete) flows into the maps'
-  // gradients, G^k (g_current) and G^{k-1} (g_previous, overwritten).
-  void Step(const Coefficients& c, const Plane& f, const Plane& h_previous,
-            const Plane& current, const Neighbours& nb) {
-    const Lanes* h = current.data();
-    Lanes* g_k = g_current.data();
-    for (size_t p = 0; p < current.size(); ++p) {
-      const int64_t xn = nb.x_next[p], xp = nb.x_previous[p];
-      const int64_t yn = nb.y_next[p], yp = nb.y_previous[p];
-      const Lanes g = g_next[p];
-      d_previous[p] += g * h_previous[p];
-      d_centre[p] += g * h[p];
-      d_x_next[p] += g * At(h, xn);
-      d_x_previous[p] += g * At(h, xp);
-      d_y_next[p] += g * At(h, yn);
-      d_y_previous[p] += g * At(h, yp);
-      d_source[p] += g * f[p];
-      d_f[p] += g * c.source[p];  // f drives every step
-      g_k[p] += c.centre[p] * g;
-      g_previous[p] = c.previous[p] * g;
-      // S_n^T: each cell's neighbour term flows back to that neighbour.
-      if (xn != kZeroGhost) g_k[xn] += c.x_next[p] * g;
-      if (xp != kZeroGhost) g_k[xp] += c.x_previous[p] * g;
-      if (yn != kZeroGhost) g_k[yn] += c.y_next[p] * g;
-      if (yp != kZeroGhost) g_k[yp] += c.y_previous[p] * g;
+// The step's seven coefficient maps at one cell, all divided through by L:
+// H^{k+1} = a H^{k-1} + b H^k + sum_n c_n S_n(H^k) + driven, driven = s f.
+// (inv = 1 / L, for the gradient.)
+struct Coefficients {
+  Lanes a, b, x_next, x_previous, y_next, y_previous, driven, inv;
+};
+
+// The border of the coefficient maps that the adjoint gathers from (see
+// Backward): wrapped (periodic); under neumann, the ghost cell beyond an
+// edge carries the edge cell's own outward coefficient (an edge cell is its
+// own neighbour there); under dirichlet it is never used (G's border is 0).
+void FillCoefficientBorder(const Grid& grid, Boundary boundary, Coefficients* c) {
+  grid.FillBorder(c, boundary == Boundary::kPeriodic ? Fill::kWrap : Fill::kEdge);
+  if (boundary != Boundary::kNeumann) return;
+  for (int64_t j = 0; j < grid.width; ++j) {
+    c[grid.at(-1, j)].x_next = c[grid.at(0, j)].x_previous;
+    c[grid.at(grid.height, j)].x_previous = c[grid.at(grid.height - 1, j)].x_next;
+  }
+  for (int64_t i = 0; i < grid.height; ++i) {
+    c[grid.at(i, -1)].y_next = c[grid.at(i, 0)].y_previous;
+    c[grid.at(i, grid.width)].y_previous = c[grid.at(i, grid.width - 1)].y_next;
+  }
+}
+
+// One unit's forward pass: the inputs' planes, the coefficient maps and the states.
+struct Forward {
+  Plane f, d_x, d_y, u, v;  // f, D_x and D_y only when the states are kept
+  std::vector<Coefficients> c;
+  // states[k + 1] = H^k for k = 0 .. K (all of them when kept, else three
+  // rotating); H^{-1} is f.
+  std::vector<Plane> states;
+
+  // Loads the unit, computes the maps and runs the K steps. With `output`
+  // (the forward op), H^K goes straight into that NHWC tensor; else every
+  // state is kept (the gradient needs H^{-1} .. H^K) and H^K is returned.
+  template <bool kFull>
+  const Plane* Run(const Geometry& g, const Grid& grid, const Unit& unit, const Settings& s,
+                   const float* const inputs[6], float* output) {
+    const bool keep_all = output == nullptr;
+    // H^0 is f (one tensor): read once.
+    const bool shared = inputs[1] == inputs[0];
+    const size_t count = keep_all ? s.steps + 2 : 3;
+    if (states.size() < count) states.resize(count);
+    for (size_t i = 0; i < count; ++i) states[i].resize(grid.size);
+    for (Plane* plane : {&u, &v}) plane->resize(grid.size);
+    if (keep_all) {
+      for (Plane* plane : {&f, &d_x, &d_y}) plane->resize(grid.size);
     }
+    // The coefficient maps, unless one step uses them once.
+    const bool store_maps = keep_all || s.steps > 1;
+    if (store_maps) c.resize(grid.size);
+    grid.Gather(g, inputs[1], unit, states[1].data());
+    grid.Gather(g, inputs[4], unit, u.data(), s.rectify);
+    grid.Gather(g, inputs[5], unit, v.data(), s.rectify);
+    const Fill fill = FillOf(s.boundary);
+    for (Plane* plane : {&states[1], &u, &v}) grid.FillBorder(plane->data(), fill);
+
+    // One pass: f, D_x and D_y straight from the tensors, the maps (as in
+    // solver.stencil_coefficients), and the first step.
+    const Settings k = s;  // a local copy: the stores below cannot alias it
+    const int64_t row = grid.row, block = unit.block, channels = g.channels;
+    const float *in_f = g.Base(inputs[0], unit), *in_dx = g.Base(inputs[2], unit),
+                *in_dy = g.Base(inputs[3], unit);
+    const Lanes *pu = u.data(), *pv = v.data(), *h = states[1].data();
+    Lanes *pf = f.data(), *pdx = d_x.data(), *pdy = d_y.data();
+    Coefficients* pc = c.data();
+    Lanes* next = s.steps == 1 && !keep_all ? nullptr : states[2].data();
+    float* out = s.steps == 1 && output ? g.Base(output, unit) : nullptr;
+    for (int64_t i = 0; i < grid.height; ++i) {
+      const int64_t first = grid.at(i, 0), tensor_row = i * grid.width * channels;
+      for (int64_t j = 0; j < grid.width; ++j) {
+        const int64_t q = first + j, t = tensor_row + j * channels;
+        const Lanes f_q = shared ? h[q] : Load<kFull>(in_f + t, block);
+        Lanes d_x_q = Load<kFull>(in_dx + t, block), d_y_q = Load<kFull>(in_dy + t, block);
+        if (k.rectify) {
+          // ReLU: the gradient's mask is then (map > 0), as pre > 0 exactly when ReLU(pre) > 0.
+          d_x_q = d_x_q > 0.0f ? d_x_q : kZero;
+          d_y_q = d_y_q > 0.0f ? d_y_q : kZero;
+        }
+        if (keep_all) pf[q] = f_q, pdx[q] = d_x_q, pdy[q] = d_y_q;
+        const Lanes u_x = (pu[q + row] - pu[q - row]) * k.half_over_dx;
+        const Lanes v_y = (pv[q + 1] - pv[q - 1]) * k.half_over_dy;
+        const Lanes a_x = pu[q] * k.dt_over_dx, a_y = pv[q] * k.dt_over_dy;
+        const Lanes two_b_x = d_x_q * k.two_dt_over_dx2;
+        const Lanes two_b_y = d_y_q * k.two_dt_over_dy2;
+        const Lanes inv = 1.0f / (1.0f + two_b_x + two_b_y);
+        const Coefficients m = {(1.0f - two_b_x - two_b_y) * inv,
+                                (u_x + v_y) * k.minus_two_dt * inv,
+                                (two_b_x - a_x) * inv, (two_b_x + a_x) * inv,
+                                (two_b_y - a_y) * inv, (two_b_y + a_y) * inv,
+                                k.two_dt * inv * f_q, inv};
+        if (store_maps) pc[q] = m;
+        const Lanes h_1 = m.a * f_q + m.driven + m.b * h[q] + m.x_next * h[q + row] +
+                          m.x_previous * h[q - row] + m.y_next * h[q + 1] +
+                          m.y_previous * h[q - 1];
+        if (out) {
+          Store<kFull>(h_1, out + t, block);
+        } else {
+          next[q] = h_1;
+        }
+      }
+    }
+    // The adjoint reads the maps across the border; the forward never does.
+    if (keep_all) FillCoefficientBorder(grid, s.boundary, c.data());
+    if (next) grid.FillBorder(next, fill);
+    // The other steps, from the planes; H^{-1} = f is only read by the first.
+    for (int step = 1; step < s.steps; ++step) {
+      const size_t cur = keep_all ? step + 1 : (step + 1) % 3;
+      const size_t after = keep_all ? step + 2 : (step + 2) % 3;
+      const Lanes* previous = states[keep_all ? step : step % 3].data();
+      const Lanes* h_k = states[cur].data();
+      const bool last = step + 1 == s.steps;
+      if (last && !keep_all) {  // straight into the output tensor
+        float* base = g.Base(output, unit);
+        for (int64_t i = 0; i < grid.height; ++i) {
+          const int64_t first = grid.at(i, 0), tensor_row = i * grid.width * channels;
+          for (int64_t j = 0; j < grid.width; ++j) {
+            const int64_t q = first + j;
+            const Coefficients& m = pc[q];
+            Store<kFull>(m.a * previous[q] + m.driven + m.b * h_k[q] +
+                             m.x_next * h_k[q + row] + m.x_previous * h_k[q - row] +
+                             m.y_next * h_k[q + 1] + m.y_previous * h_k[q - 1],
+                         base + tensor_row + j * channels, block);
+          }
+        }
+        break;
+      }
+      Lanes* after_k = states[after].data();
+      ForEachCell(grid, [&](int64_t q) {
+        const Coefficients& m = pc[q];
+        after_k[q] = m.a * previous[q] + m.driven + m.b * h_k[q] + m.x_next * h_k[q + row] +
+                     m.x_previous * h_k[q - row] + m.y_next * h_k[q + 1] +
+                     m.y_previous * h_k[q - 1];
+      });
+      grid.FillBorder(after_k, fill);
+    }
+    return keep_all ? &states[s.steps + 1] : nullptr;
+  }
+};
+
+// Sums of the adjoint over the steps, per cell, from which the gradients
+// of D_x, D_y, u, v follow (G^{k+1} = dL/dH^{k+1}, sums over k = 0 .. K-1):
+//   x   = sum G^{k+1} (S_x+ H^k + S_x- H^k - H^{k-1} - H^{k+1})  -> dL/d(2 B_x) L
+//   y   = the same along y                                       -> dL/d(2 B_y) L
+//   x_a = sum G^{k+1} (S_x- H^k - S_x+ H^k)                      -> dL/dA_x L
+//   y_a = the same along y                                       -> dL/dA_y L
+//   b   = sum G^{k+1} H^k                                        -> dL/db
+//   g   = sum G^{k+1}                                            -> dL/d driven
+// (each map is its numerator over L, and sum_n map_n X_n = H^{k+1}: the
+// step itself, which gives the gradient through L in one term).
+struct Sums {
+  Lanes x, y, x_a, y_a, b, g;
+};
+
+// The adjoint pass of one unit. The transposed neighbour maps gather
+// through the same offsets as the forward: cell q receives c_x+ G at q - row
+// (q is the x+ neighbour of q - row), and so on. With G's border filled by
+// the boundary's rule and the coefficient maps' by FillCoefficientBorder,
+// that is exact at the edges too: periodic wraps; dirichlet reads zeros;
+// under neumann an edge cell is its own ghost, so its outward term comes
+// back to itself through the ghost cell.
+struct Backward {
+  // G^{k+1}, G^k and G^{k-1} (rotating), the sums, and the gradient of
+  // u_x + v_y and of u and v so far.
+  Plane g_next, g_current, g_previous, divergence, d_u, d_v;
+  std::vector<Sums> sums;
+
+  // Step k backwards: G^{k+1} (g_next, complete) flows into the sums, into
+  // G^k (g_current, which holds a G^{k+2} so far unless kFirst) and G^{k-1}
+  // (g_previous, overwritten). The last step (kLast, k = 0) instead writes
+  // dL/dH^0, dL/df, dL/dD_x and dL/dD_y and the planes for u and v.
+  template <bool kFirst, bool kLast, bool kFull>
+  void Step(const Geometry& g, const Grid& grid, const Settings& settings, const Unit& unit,
+            const Forward& forward, int k, float* const outputs[6]) {
+    const Settings s = settings;  // a local copy: the stores below cannot alias it
+    const int64_t row = grid.row, block = unit.block, channels = g.channels;
+    const Coefficients* c = forward.c.data();
+    // H^{k-1}, H^k, H^{k+1}.
+    const Lanes* h_previous = k == 0 ? forward.f.data() : forward.states[k].data();
+    const Lanes* h = forward.states[k + 1].data();
+    const Lanes* h_next = forward.states[k + 2].data();
+    const Lanes *pdx = forward.d_x.data(), *pdy = forward.d_y.data();
+    const Lanes* gn = g_next.data();
+    Lanes* gc = g_current.data();
+    Lanes* gp = g_previous.data();
+    Sums* sm = sums.data();
+    Lanes *div = divergence.data(), *du = d_u.data(), *dv = d_v.data();
+    float *out_f = g.Base(outputs[0], unit), *out_h = g.Base(outputs[1], unit);
+    float *out_dx = g.Base(outputs[2], unit), *out_dy = g.Base(outputs[3], unit);
+    for (int64_t i = 0; i < grid.height; ++i) {
+      const int64_t first = grid.at(i, 0), tensor_row = i * grid.width * channels;
+      for (int64_t j = 0; j < grid.width; ++j) {
+        const int64_t q = first + j, t = tensor_row + j * channels;
+        const Lanes gq = gn[q];
+        const Lanes x_next = h[q + row], x_previous = h[q - row];
+        const Lanes y_next = h[q + 1], y_previous = h[q - 1];
+        const Lanes outer = h_previous[q] + h_next[q];
+        Sums sq = {gq * (x_next + x_previous - outer), gq * (y_next + y_previous - outer),
+                   gq * (x_previous - x_next), gq * (y_previous - y_next), gq * h[q], gq};
+        if (!kFirst) {
+          const Sums& before = sm[q];
+          sq.x += before.x, sq.y += before.y, sq.x_a += before.x_a, sq.y_a += before.y_a;
+          sq.b += before.b, sq.g += before.g;
+        }
+        const Coefficients& cq = c[q];
+        // G^k gathers each neighbour's term.
+        Lanes into = cq.b * gq + c[q - row].x_next * gn[q - row] +
+                     c[q + row].x_previous * gn[q + row] + c[q - 1].y_next * gn[q - 1] +
+                     c[q + 1].y_previous * gn[q + 1];
+        if (!kFirst) into += gc[q];
+        if (!kLast) {
+          sm[q] = sq;
+          gc[q] = into;
+          gp[q] = cq.a * gq;
+          continue;
+        }
+        // k = 0: G^0 is complete, G^{-1} = a G^1 (H^{-1} is f) and the sums.
+        const Lanes inv = cq.inv;
+        const Lanes d_f = cq.a * gq + sq.g * s.two_dt * inv;  // f drives every step
+        if (s.shared_initial) {
+          Store<kFull>(d_f + into, out_f + t, block);
+        } else {
+          Store<kFull>(d_f, out_f + t, block);
+          Store<kFull>(into, out_h + t, block);
+        }
+        Lanes d_dx = sq.x * inv * s.two_dt_over_dx2, d_dy = sq.y * inv * s.two_dt_over_dy2;
+        if (s.rectify) {  // through the ReLUs: zero where the map was clamped
+          d_dx = pdx[q] > 0.0f ? d_dx : kZero;
+          d_dy = pdy[q] > 0.0f ? d_dy : kZero;
+        }
+        Store<kFull>(d_dx, out_dx + t, block);
+        Store<kFull>(d_dy, out_dy + t, block);
+        div[q] = sq.b * s.minus_two_dt * inv;  // dL/d(u_x + v_y)
+        du[q] = sq.x_a * inv * s.dt_over_dx;
+        dv[q] = sq.y_a * inv * s.dt_over_dy;
+      }
+    }
+    if (!kLast) grid.FillBorder(gc, FillOf(s.boundary));
   }
 
-  void Run(const Geometry& geometry, const Unit& unit, const Neighbours& nb, const Settings& s,
+  template <bool kFull>
+  void Run(const Geometry& g, const Grid& grid, const Unit& unit, const Settings& s,
            const Forward& forward, const float* grad_solution, float* const outputs[6]) {
-    for (auto* plane : {&g_current, &g_previous, &d_previous, &d_centre, &d_x_next,
-                        &d_x_previous, &d_y_next, &d_y_previous, &d_source, &d_f}) {
-      plane->assign(geometry.cells, kZero);
+    for (Plane* plane : {&g_next, &g_current, &g_previous, &divergence, &d_u, &d_v}) {
+      plane->resize(grid.size);
     }
-    geometry.Gather(grad_solution, unit, g_next);
+    if (s.steps > 1) sums.resize(grid.size);
+    grid.Gather(g, grad_solution, unit, g_next.data());
+    grid.FillBorder(g_next.data(), FillOf(s.boundary));
     for (int k = s.steps - 1; k >= 0; --k) {
-      // H^{k-1} = states[k], H^k = states[k + 1].
-      Step(forward.c, forward.f, forward.states[k], forward.states[k + 1], nb);
+      // The last step starts the sums and G^k instead of adding to them.
+      if (s.steps == 1) {
+        Step<true, true, kFull>(g, grid, s, unit, forward, k, outputs);
+      } else if (k == s.steps - 1) {
+        Step<true, false, kFull>(g, grid, s, unit, forward, k, outputs);
+      } else if (k > 0) {
+        Step<false, false, kFull>(g, grid, s, unit, forward, k, outputs);
+      } else {
+        Step<false, true, kFull>(g, grid, s, unit, forward, k, outputs);
+      }
       // Rotate: G^k is complete; G^{k-1} holds a G^{k+1} so far.
       std::swap(g_next, g_current);
       std::swap(g_current, g_previous);
     }
-    // Now g_next = G^0 = dL/dH^0 and g_current = G^{-1} (H^{-1} is f).
-    geometry.Scatter(g_next, unit, outputs[1]);
-    for (int64_t p = 0; p < geometry.cells; ++p) d_f[p] += g_current[p];
-    geometry.Scatter(d_f, unit, outputs[0]);
-    ChainToInputs(geometry, unit, nb, s, forward, outputs);
-  }
-
-  // From the seven maps' gradients to those of D_x, D_y, u, v.
-  void ChainToInputs(const Geometry& geometry, const Unit& unit, const Neighbours& nb,
-                     const Settings& s, const Forward& forward, float* const outputs[6]) {
-    const Coefficients& c = forward.c;
-    for (auto* plane : {&d_u, &d_v}) plane->assign(geometry.cells, kZero);
-    d_dx.resize(geometry.cells), d_dy.resize(geometry.cells);
-    for (int64_t p = 0; p < geometry.cells; ++p) {
-      const Lanes inv = c.inv_l[p];
-      // Every map is (numerator) / L: d map / d(2B) = (d numerator / d(2B) - map) / L.
-      const Lanes through_l =
-          -(d_previous[p] * c.previous[p] + d_centre[p] * c.centre[p] +
-            d_x_next[p] * c.x_next[p] + d_x_previous[p] * c.x_previous[p] +
-            d_y_next[p] * c.y_next[p] + d_y_previous[p] * c.y_previous[p] +
-            d_source[p] * c.source[p]) * inv;
-      d_dx[p] = (through_l + (d_x_next[p] + d_x_previous[p] - d_previous[p]) * inv) *
-                s.two_dt_over_dx2;
-      d_dy[p] = (through_l + (d_y_next[p] + d_y_previous[p] - d_previous[p]) * inv) *
-                s.two_dt_over_dy2;
-      d_u[p] += (d_x_previous[p] - d_x_next[p]) * inv * s.dt_over_dx;
-      d_v[p] += (d_y_previous[p] - d_y_next[p]) * inv * s.dt_over_dy;
-      // centre = (u_x + v_y) (-2 dt) / L, u_x = (u[x+1] - u[x-1]) / (2 dx):
-      // the transposed central differences.
-      const Lanes divergence = d_centre[p] * s.minus_two_dt * inv;
-      const int64_t xn = nb.x_next[p], xp = nb.x_previous[p];
-      const int64_t yn = nb.y_next[p], yp = nb.y_previous[p];
-      if (xn != kZeroGhost) d_u[xn] += divergence * s.half_over_dx;
-      if (xp != kZeroGhost) d_u[xp] -= divergence * s.half_over_dx;
-      if (yn != kZeroGhost) d_v[yn] += divergence * s.half_over_dy;
-      if (yp != kZeroGhost) d_v[yp] -= divergence * s.half_over_dy;
-    }
-    if (s.rectify) {  // through the ReLUs: zero where the map was clamped
-      const Plane* maps[] = {&forward.d_x, &forward.d_y, &forward.u, &forward.v};
-      Plane* grads[] = {&d_dx, &d_dy, &d_u, &d_v};
-      for (int m = 0; m < 4; ++m) {
-        for (int64_t p = 0; p < geometry.cells; ++p) {
-          (*grads[m])[p] = (*maps[m])[p] > 0.0f ? (*grads[m])[p] : kZero;
-        }
-      }
-    }
-    geometry.Scatter(d_dx, unit, outputs[2]);
-    geometry.Scatter(d_dy, unit, outputs[3]);
-    geometry.Scatter(d_u, unit, outputs[4]);
-    geometry.Scatter(d_v, unit, outputs[5]);
+    // u_x = (u[x+1] - u[x-1]) / (2 dx): the transposed central differences.
+    // Under neumann the edge cell is its own ghost: the negated edge value
+    // as the border gives its term.
+    const Settings settings = s;
+    Lanes *div = divergence.data(), *du = d_u.data(), *dv = d_v.data();
+    grid.FillBorder(div, s.boundary == Boundary::kNeumann ? Fill::kNegatedEdge
+                                                          : FillOf(s.boundary));
+    const int64_t row = grid.row;
+    ForEachCell(grid, [&](int64_t q) {
+      du[q] += (div[q - row] - div[q + row]) * settings.half_over_dx;
+      dv[q] += (div[q - 1] - div[q + 1]) * settings.half_over_dy;
+    });
+    grid.Scatter(g, du, unit, outputs[4], s.rectify ? forward.u.data() : nullptr);
+    grid.Scatter(g, dv, unit, outputs[5], s.rectify ? forward.v.data() : nullptr);
   }
 };
 
@@ -399,16 +608,42 @@ Geometry CheckInputs(OpKernelContext* context, int count) {
   return Geometry(shape);
 }
 
+// Workspaces (a unit's buffers, a megabyte or so) kept from call to call:
+// fresh ones on every call would each be new pages for the kernel to fault
+// in and zero. One per concurrently running shard; an op kernel holds one
+// pool, which concurrent calls share.
+template <typename Workspace>
+class WorkspacePool {
+ public:
+  std::unique_ptr<Workspace> Acquire() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (free_.empty()) return std::make_unique<Workspace>();
+    std::unique_ptr<Workspace> workspace = std::move(free_.back());
+    free_.pop_back();
+    return workspace;
+  }
+
+  void Release(std::unique_ptr<Workspace> workspace) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    free_.push_back(std::move(workspace));
+  }
+
+ private:
+  std::mutex mutex_;
+  std::vector<std::unique_ptr<Workspace>> free_;
+};
+
 // Runs `work(unit, workspace)` for every unit on TensorFlow's CPU thread
-// pool; each shard (a range of units on one thread) has its own Workspace,
-// whose buffers the shard's units reuse.
+// pool; each shard (a range of units on one thread) takes a Workspace from
+// `pool`, whose buffers the shard's units reuse.
 template <typename Workspace, typename Work>
 void ForEachUnit(OpKernelContext* context, const Geometry& g, int64_t cost_per_unit,
-                 Work work) {
+                 WorkspacePool<Workspace>& workspaces, Work work) {
   auto* pool = context->device()->tensorflow_cpu_worker_threads()->workers;
   pool->ParallelFor(g.units(), cost_per_unit, [&](int64_t begin, int64_t end) {
-    Workspace workspace;
-    for (int64_t i = begin; i < end; ++i) work(g.unit(i), workspace);
+    std::unique_ptr<Workspace> workspace = workspaces.Acquire();
+    for (int64_t i = begin; i < end; ++i) work(g.unit(i), *workspace);
+    workspaces.Release(std::move(workspace));
   });
 }
 
@@ -425,15 +660,20 @@ class SolveOp : public OpKernel {
     const float* inputs[6];
     for (int i = 0; i < 6; ++i) inputs[i] = context->input(i).flat<float>().data();
     float* out = output->flat<float>().data();
-    const Neighbours nb(g.height, g.width, settings_.boundary);
+    const Grid grid(g.height, g.width);
     const int64_t cost = g.cells * kLanes * (30 + 15 * settings_.steps);
-    ForEachUnit<Forward>(context, g, cost, [&](const Unit& unit, Forward& forward) {
-      g.Scatter(forward.Run(g, unit, nb, settings_, inputs, false), unit, out);
+    ForEachUnit(context, g, cost, workspaces_, [&](const Unit& unit, Forward& forward) {
+      if (unit.block == kLanes) {
+        forward.Run<true>(g, grid, unit, settings_, inputs, out);
+      } else {
+        forward.Run<false>(g, grid, unit, settings_, inputs, out);
+      }
     });
   }
 
  private:
   Settings settings_;
+  WorkspacePool<Forward> workspaces_;
 };
 
 class SolveGradOp : public OpKernel {
@@ -448,24 +688,32 @@ class SolveGradOp : public OpKernel {
     float* outputs[6];
     for (int i = 0; i < 6; ++i) {
       Tensor* output = nullptr;
-      OP_REQUIRES_OK(context, context->allocate_output(i, context->input(0).shape(), &output));
+      const bool empty = i == 1 && settings_.shared_initial;
+      OP_REQUIRES_OK(context, context->allocate_output(
+                                  i, empty ? TensorShape({0}) : context->input(0).shape(), &output));
       outputs[i] = output->flat<float>().data();
     }
     if (g.units() == 0 || g.cells == 0) return;
     const float* inputs[6];
     for (int i = 0; i < 6; ++i) inputs[i] = context->input(i).flat<float>().data();
     const float* grad_solution = context->input(6).flat<float>().data();
-    const Neighbours nb(g.height, g.width, settings_.boundary);
+    const Grid grid(g.height, g.width);
     const int64_t cost = g.cells * kLanes * (80 + 45 * settings_.steps);
-    ForEachUnit<ForwardAndBackward>(context, g, cost,
+    ForEachUnit(context, g, cost, workspaces_,
                                     [&](const Unit& unit, ForwardAndBackward& work) {
-      work.forward.Run(g, unit, nb, settings_, inputs, true);
-      work.backward.Run(g, unit, nb, settings_, work.forward, grad_solution, outputs);
+      if (unit.block == kLanes) {
+        work.forward.Run<true>(g, grid, unit, settings_, inputs, nullptr);
+        work.backward.Run<true>(g, grid, unit, settings_, work.forward, grad_solution, outputs);
+      } else {
+        work.forward.Run<false>(g, grid, unit, settings_, inputs, nullptr);
+        work.backward.Run<false>(g, grid, unit, settings_, work.forward, grad_solution, outputs);
+      }
     });
   }
 
  private:
   Settings settings_;
+  WorkspacePool<ForwardAndBackward> workspaces_;
 };
 
 
@@ -478,14 +726,12 @@ class SolveGradOp : public OpKernel {
 
 // A unit's channels of an NHWC tensor with a zero border: (height + 2) x (width + 2).
 void GatherPadded(const Geometry& g, const float* tensor, const Unit& unit, Plane& padded) {
-  const int64_t padded_width = g.width + 2;
-  padded.assign((g.height + 2) * padded_width, kZero);
-  const float* base = tensor + unit.image * g.cells * g.channels + unit.channel;
-  for (int64_t i = 0; i < g.height; ++i) {
-    for (int64_t j = 0; j < g.width; ++j) {
-      std::memcpy(&padded[(i + 1) * padded_width + j + 1], base + (i * g.width + j) * g.channels,
-                  unit.block * sizeof(float));
-    }
+  const Grid grid(g.height, g.width);
+  padded.resize(grid.size);
+  grid.Gather(g, tensor, unit, padded.data());
+  grid.FillBorder(padded.data(), Fill::kZero);
+  for (int64_t i : {int64_t{-1}, g.height}) {  // the corners too: the 3x3 window reads them
+    for (int64_t j : {int64_t{-1}, g.width}) padded[grid.at(i, j)] = kZero;
   }
 }
 
@@ -502,67 +748,94 @@ void GatherTaps(const float* kernel, int64_t channels, int64_t maps, const Unit&
   }
 }
 
-// The geometry of a depth-wise op's input (0) and kernel (1), checked.
-Geometry CheckDepthwiseInputs(OpKernelContext* context, int64_t maps) {
-  const Tensor& input = context->input(0);
-  const Tensor& kernel = context->input(1);
-  if (input.dims() != 4) {
-    context->CtxFailure(InvalidArgument("input must be rank 4 (NHWC)"));
-    return Geometry(TensorShape({0, 0, 0, 0}));
+// What both depth-wise ops start from: the input (0) and kernel (1), checked,
+// their geometry and data.
+struct DepthwiseProblem {
+  const Tensor& input;
+  const Tensor& kernel;
+  int64_t maps;
+  Geometry g;
+  const float* x;
+  const float* w;
+  int64_t padded_width;
+
+  DepthwiseProblem(OpKernelContext* context, int64_t maps)
+      : input(context->input(0)), kernel(context->input(1)), maps(maps),
+        g(input.dims() == 4 ? input.shape() : TensorShape({0, 0, 0, 0})),
+        x(input.flat<float>().data()), w(kernel.flat<float>().data()),
+        padded_width(g.width + 2) {
+    if (input.dims() != 4) {
+      context->CtxFailure(InvalidArgument("input must be rank 4 (NHWC)"));
+    } else if (kernel.shape() != TensorShape({3, 3, input.dim_size(3), maps})) {
+      context->CtxFailure(InvalidArgument("kernel must be shaped (3, 3, channels, maps), got ",
+                                          kernel.shape().DebugString()));
+    }
   }
-  if (kernel.shape() != TensorShape({3, 3, input.dim_size(3), maps})) {
-    context->CtxFailure(InvalidArgument("kernel must be shaped (3, 3, channels, maps), got ",
-                                        kernel.shape().DebugString()));
-  }
-  return Geometry(input.shape());
-}
+
+  bool empty() const { return g.units() == 0 || g.cells == 0; }
+};
 
 class DepthwiseOp : public OpKernel {
  public:
   explicit DepthwiseOp(OpKernelConstruction* context) : OpKernel(context) {}
 
   void Compute(OpKernelContext* context) override {
-    const Tensor& input = context->input(0);
-    const Tensor& kernel = context->input(1);
-    const int64_t maps = context->num_outputs();
-    const Geometry g = CheckDepthwiseInputs(context, maps);
+    const DepthwiseProblem problem(context, context->num_outputs());
     if (!context->status().ok()) return;
+    const Geometry& g = problem.g;
+    const int64_t maps = problem.maps;
     std::vector<float*> outputs(maps);
     for (int64_t k = 0; k < maps; ++k) {
       Tensor* output = nullptr;
-      OP_REQUIRES_OK(context, context->allocate_output(k, input.shape(), &output));
+      OP_REQUIRES_OK(context, context->allocate_output(k, problem.input.shape(), &output));
       outputs[k] = output->flat<float>().data();
     }
-    if (g.units() == 0 || g.cells == 0) return;
-    const float* x = input.flat<float>().data();
-    const float* w = kernel.flat<float>().data();
-    const int64_t padded_width = g.width + 2;
-    struct Workspace {
-      Plane padded, map;
-      std::vector<Lanes> taps;
-    };
-    ForEachUnit<Workspace>(context, g, g.cells * kLanes * 20 * maps,
-                           [&](const Unit& unit, Workspace& workspace) {
-      auto& [padded, map, taps] = workspace;
-      GatherPadded(g, x, unit, padded);
-      GatherTaps(w, g.channels, maps, unit, taps);
-      map.resize(g.cells);
-      for (int64_t k = 0; k < maps; ++k) {
-        const Lanes* t = &taps[k * 9];
-        for (int64_t i = 0; i < g.height; ++i) {
-          const Lanes* row0 = &padded[i * padded_width];
-          const Lanes* row1 = row0 + padded_width;
-          const Lanes* row2 = row1 + padded_width;
-          for (int64_t j = 0; j < g.width; ++j) {
-            map[i * g.width + j] = row0[j] * t[0] + row0[j + 1] * t[1] + row0[j + 2] * t[2] +
-                                   row1[j] * t[3] + row1[j + 1] * t[4] + row1[j + 2] * t[5] +
-                                   row2[j] * t[6] + row2[j + 1] * t[7] + row2[j + 2] * t[8];
-          }
-        }
-        g.Scatter(map, unit, outputs[k]);
+    if (problem.empty()) return;
+    ForEachUnit(context, g, g.cells * kLanes * 20 * maps, workspaces_,
+                [&](const Unit& unit, Workspace& workspace) {
+      if (unit.block == kLanes) {
+        Maps<true>(g, problem, unit, workspace, outputs);
+      } else {
+        Maps<false>(g, problem, unit, workspace, outputs);
       }
     });
   }
+
+ private:
+  struct Workspace {
+    Plane padded;
+    std::vector<Lanes> taps;
+  };
+
+  // One unit's maps, each written straight into its output.
+  template <bool kFull>
+  static void Maps(const Geometry& g, const DepthwiseProblem& problem, const Unit& unit,
+                   Workspace& workspace, const std::vector<float*>& outputs) {
+    auto& [padded, taps] = workspace;
+    const int64_t maps = problem.maps, padded_width = problem.padded_width;
+    const int64_t channels = g.channels, block = unit.block;
+    GatherPadded(g, problem.x, unit, padded);
+    GatherTaps(problem.w, g.channels, maps, unit, taps);
+    for (int64_t k = 0; k < maps; ++k) {
+      Lanes t[9];  // a local copy: the stores below cannot alias it
+      std::copy(&taps[k * 9], &taps[k * 9] + 9, t);
+      float* out = g.Base(outputs[k], unit);
+      for (int64_t i = 0; i < g.height; ++i) {
+        const Lanes* row0 = &padded[i * padded_width];
+        const Lanes* row1 = row0 + padded_width;
+        const Lanes* row2 = row1 + padded_width;
+        float* out_row = out + i * g.width * channels;
+        for (int64_t j = 0; j < g.width; ++j) {
+          Store<kFull>(row0[j] * t[0] + row0[j + 1] * t[1] + row0[j + 2] * t[2] +
+                           row1[j] * t[3] + row1[j + 1] * t[4] + row1[j + 2] * t[5] +
+                           row2[j] * t[6] + row2[j + 1] * t[7] + row2[j + 2] * t[8],
+                       out_row + j * channels, block);
+        }
+      }
+    }
+  }
+
+  WorkspacePool<Workspace> workspaces_;
 };
 
 class DepthwiseGradOp : public OpKernel {
@@ -570,46 +843,39 @@ class DepthwiseGradOp : public OpKernel {
   explicit DepthwiseGradOp(OpKernelConstruction* context) : OpKernel(context) {}
 
   void Compute(OpKernelContext* context) override {
-    const Tensor& input = context->input(0);
-    const Tensor& kernel = context->input(1);
-    const int64_t maps = context->num_inputs() - 2;
-    const Geometry g = CheckDepthwiseInputs(context, maps);
+    const DepthwiseProblem problem(context, context->num_inputs() - 2);
     if (!context->status().ok()) return;
+    const Geometry& g = problem.g;
+    const int64_t maps = problem.maps, padded_width = problem.padded_width;
     Tensor* grad_input = nullptr;
     Tensor* grad_kernel = nullptr;
-    OP_REQUIRES_OK(context, context->allocate_output(0, input.shape(), &grad_input));
-    OP_REQUIRES_OK(context, context->allocate_output(1, kernel.shape(), &grad_kernel));
+    OP_REQUIRES_OK(context, context->allocate_output(0, problem.input.shape(), &grad_input));
+    OP_REQUIRES_OK(context, context->allocate_output(1, problem.kernel.shape(), &grad_kernel));
     float* dx = grad_input->flat<float>().data();
     float* dw = grad_kernel->flat<float>().data();
     std::fill_n(dw, grad_kernel->NumElements(), 0.0f);
-    if (g.units() == 0 || g.cells == 0) return;
+    if (problem.empty()) return;
     std::vector<const float*> grads(maps);
     for (int64_t k = 0; k < maps; ++k) {
-      OP_REQUIRES(context, context->input(2 + k).shape() == input.shape(),
+      OP_REQUIRES(context, context->input(2 + k).shape() == problem.input.shape(),
                   InvalidArgument("every map's gradient must be shaped like the input"));
       grads[k] = context->input(2 + k).flat<float>().data();
     }
-    const float* x = input.flat<float>().data();
-    const float* w = kernel.flat<float>().data();
-    const int64_t padded_width = g.width + 2;
     // The kernel's gradient sums over the batch: one partial sum per unit,
     // added up in a fixed order afterwards (deterministic, no locks).
     std::vector<Lanes> partial(g.units() * 9 * maps, kZero);
-    struct Workspace {
-      Plane padded_x, padded_g, grad;
-      std::vector<Lanes> taps;
-    };
-    ForEachUnit<Workspace>(context, g, g.cells * kLanes * 40 * maps,
-                           [&](const Unit& unit, Workspace& workspace) {
+    ForEachUnit(context, g, g.cells * kLanes * 40 * maps, workspaces_,
+                [&](const Unit& unit, Workspace& workspace) {
       auto& [padded_x, padded_g, grad, taps] = workspace;
-      GatherPadded(g, x, unit, padded_x);
-      GatherTaps(w, g.channels, maps, unit, taps);
+      GatherPadded(g, problem.x, unit, padded_x);
+      GatherTaps(problem.w, g.channels, maps, unit, taps);
       grad.assign(g.cells, kZero);
       Lanes* unit_partial = &partial[(unit.image * g.blocks + unit.channel / kLanes) * 9 * maps];
       for (int64_t k = 0; k < maps; ++k) {
         GatherPadded(g, grads[k], unit, padded_g);
-        const Lanes* t = &taps[k * 9];
-        Lanes sums[9] = {};
+        Lanes t[9];  // a local copy: the stores below cannot alias it
+        std::copy(&taps[k * 9], &taps[k * 9] + 9, t);
+        // Two loops, each with few enough live vectors to stay in registers.
         for (int64_t i = 0; i < g.height; ++i) {
           for (int64_t j = 0; j < g.width; ++j) {
             // dx[i, j] = sum_{a, b} g[i - a + 1, j - b + 1] kernel[a, b] (padded: + 1).
@@ -619,8 +885,13 @@ class DepthwiseGradOp : public OpKernel {
             grad[i * g.width + j] += g2[2] * t[0] + g2[1] * t[1] + g2[0] * t[2] +
                                      g1[2] * t[3] + g1[1] * t[4] + g1[0] * t[5] +
                                      g0[2] * t[6] + g0[1] * t[7] + g0[0] * t[8];
+          }
+        }
+        Lanes sums[9] = {};
+        for (int64_t i = 0; i < g.height; ++i) {
+          for (int64_t j = 0; j < g.width; ++j) {
             // d kernel[a, b] += x[i + a - 1, j + b - 1] g[i, j].
-            const Lanes gij = g1[1];
+            const Lanes gij = padded_g[(i + 1) * padded_width + j + 1];
             const Lanes* x0 = &padded_x[i * padded_width + j];
             const Lanes* x1 = x0 + padded_width;
             const Lanes* x2 = x1 + padded_width;
@@ -645,6 +916,13 @@ class DepthwiseGradOp : public OpKernel {
       }
     }
   }
+
+ private:
+  struct Workspace {
+    Plane padded_x, padded_g, grad;
+    std::vector<Lanes> taps;
+  };
+  WorkspacePool<Workspace> workspaces_;
 };
 
 }  // namespace
@@ -663,6 +941,7 @@ REGISTER_OP("PdeKerasSolve")
     .Attr("dy: float")
     .Attr("boundary: {'periodic', 'neumann', 'dirichlet'}")
     .Attr("rectify: bool = false")
+    .Attr("shared_initial: bool = false")
     .SetShapeFn([](::tensorflow::shape_inference::InferenceContext* c) {
       c->set_output(0, c->input(0));
       return ::tensorflow::OkStatus();
@@ -688,8 +967,12 @@ REGISTER_OP("PdeKerasSolveGrad")
     .Attr("dy: float")
     .Attr("boundary: {'periodic', 'neumann', 'dirichlet'}")
     .Attr("rectify: bool = false")
+    .Attr("shared_initial: bool = false")
     .SetShapeFn([](::tensorflow::shape_inference::InferenceContext* c) {
+      bool shared_initial;
+      TF_RETURN_IF_ERROR(c->GetAttr("shared_initial", &shared_initial));
       for (int i = 0; i < 6; ++i) c->set_output(i, c->input(0));
+      if (shared_initial) c->set_output(1, c->MakeShape({0}));
       return ::tensorflow::OkStatus();
     });
 

@@ -21,6 +21,16 @@ def test_layer_benchmark_reports_ratios_to_the_conv():
     assert all(t > 0 and math.isfinite(t) for t in medians.values())
 
 
+def test_layer_benchmark_pieces():
+    medians, _ = layer.run(batch_size=2, size=8, channels=4, steps=[1], rounds=1, warmup=1,
+                           jit_compile=False, pieces=True)
+    paths = fused_solver.available_paths()
+    assert set(medians) == {"conv2d_3x3", "relu"} | {
+        f"{case}/{path}" for case in ("global_K1", "solver_K5", "solver_K1", "depthwise_4",
+                                      "batch_norm") for path in paths}
+    assert all(t > 0 and math.isfinite(t) for t in medians.values())
+
+
 @pytest.mark.slow  # builds and trains two ResNets (~40 s)
 def test_train_benchmark_reports_throughput_and_latency():
     results = train.run(["resnet32", "resnet32_global_K1"], batch_size=2, rounds=1,

@@ -175,7 +175,7 @@ def finished_results(run):
         return None
     planned = run.config.to_json()
     difference = run_directory.differing_field(
-        results.get("config", {}), planned, run_directory.result_fields(planned))
+        run_directory.recorded_config(results), planned, run_directory.result_fields(planned))
     if difference:
         name, recorded, planned_value = difference
         raise validation.invalid(

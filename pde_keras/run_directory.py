@@ -25,7 +25,7 @@ import os
 import pathlib
 import tempfile
 
-from pde_keras import config, validation
+from pde_keras import config, models, validation
 
 CONFIG_FILE = "config.json"
 RESULTS_FILE = "results.json"
@@ -193,6 +193,33 @@ def differing_field(recorded, planned, fields):
         if recorded.get(name) != planned[name]:
             return name, recorded.get(name), planned[name]
     return None
+
+
+# Model options whose default changed, by the last version with the old default:
+# a run recorded by such a version without the option set used the old value.
+_OLD_DEFAULTS = {"coefficient_epsilon": ("0.1.0", 1e-5)}
+
+
+def recorded_config(results):
+    """The config a `results.json` dict records, with the defaults of its
+    version made explicit where they have changed since (a Global model of
+    pde-keras 0.1.0 without `coefficient_epsilon` used 1e-5, not today's
+    `"channels"`), so that `differing_field` tells such a run from a new one."""
+    recorded = dict(results.get("config", {}))
+    version = _version(results.get("version", "0.1.0"))
+    options = dict(recorded.get("model_options", {}))
+    accepted = models.options(recorded["model"]) if recorded.get("model") in models.names() else ()
+    for option, (last, value) in _OLD_DEFAULTS.items():
+        if option in accepted and option not in options and version <= _version(last):
+            options[option] = value
+    if options != recorded.get("model_options", {}):
+        recorded["model_options"] = options
+    return recorded
+
+
+def _version(text):
+    """`"0.2.0"` -> (0, 2, 0); unparsable parts count as 0."""
+    return tuple(int(part) if part.isdigit() else 0 for part in str(text).split("."))
 
 
 def result_fields(planned):

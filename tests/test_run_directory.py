@@ -106,3 +106,24 @@ def test_same_run_rule():
     assert run_directory.differing_field(older, planned, fields) is None
     warm = config.Config(epochs=3, warmup_epochs=1).to_json()
     assert run_directory.differing_field(older, warm, fields) == ("warmup_epochs", 0, 1)
+
+
+def test_recorded_config_makes_changed_defaults_explicit():
+    """pde-keras 0.1.0's Global models used coefficient epsilon 1e-5 (today: "channels")."""
+    config_of = {"model": "resnet32_global", "model_options": {"steps": 1}}
+    old = run_directory.recorded_config({"version": "0.1.0", "config": config_of})
+    assert old["model_options"] == {"steps": 1, "coefficient_epsilon": 1e-5}
+    assert config_of == {"model": "resnet32_global", "model_options": {"steps": 1}}  # Not changed.
+    # Results without a version were written by 0.1.0 too.
+    assert run_directory.recorded_config({"config": config_of}) == old
+    for results in ({"version": "0.2.0", "config": config_of},
+                    {"version": "0.1.0", "config": {"model": "resnet32", "model_options": {}}},
+                    {"version": "0.1.0", "config": {
+                        "model": "resnet32_global", "model_options": {"coefficient_epsilon": 16}}}):
+        assert run_directory.recorded_config(results) == results["config"]
+    planned = config.Config(dataset="cifar10", model="resnet32_global").to_json()
+    fields = run_directory.result_fields(planned)
+    old_run = {"version": "0.1.0", "config": planned}
+    assert run_directory.differing_field(run_directory.recorded_config(old_run), planned,
+                                         fields) == ("model_options",
+                                                     {"coefficient_epsilon": 1e-5}, {})

@@ -115,13 +115,15 @@ def define_flags(runner):
         "Local data: MNIST IDX files, CIFAR python batches (folder or .tar.gz) or a "
         "train/<class>/*.jpg + test/<class>/*.jpg tree; or tfds' data directory.")
     flags.DEFINE_bool(
-        "download", DEFAULTS["download"], "Let tfds download a dataset missing from its data directory.")
+        "download", DEFAULTS["download"],
+        "Let tfds download a dataset missing from its data directory.")
     flags.DEFINE_integer(
-        "train_examples", DEFAULTS["train_examples"], "Train on a seeded random subset of this many examples "
-        "(0: all).", lower_bound=0)
+        "train_examples", DEFAULTS["train_examples"],
+        "Train on a seeded random subset of this many examples (0: all).", lower_bound=0)
     flags.DEFINE_integer(
-        "test_examples", DEFAULTS["test_examples"], "Evaluate on a seeded random subset of this many test "
-        "examples (0: all).", lower_bound=0)
+        "test_examples", DEFAULTS["test_examples"],
+        "Evaluate on a seeded random subset of this many test examples (0: all).",
+        lower_bound=0)
     flags.DEFINE_enum(
         "augmentation", DEFAULTS["augmentation"], input_pipeline.AUGMENTATIONS,
         "Training augmentation: auto (crop_flip for CIFAR, none for MNIST), none, crop "
@@ -131,14 +133,16 @@ def define_flags(runner):
     flags.DEFINE_integer(
         "epochs", 100 if mnist else 200, "Training epochs (the report's).", lower_bound=1)
     flags.DEFINE_integer(
-        "batch_size", DEFAULTS["batch_size"], "Global training batch size (the report's).", lower_bound=1)
+        "batch_size", DEFAULTS["batch_size"], "Global training batch size (the report's).",
+        lower_bound=1)
     flags.DEFINE_integer(
         "eval_batch_size", DEFAULTS["eval_batch_size"], "Evaluation batch size.", lower_bound=1)
     flags.DEFINE_float(
-        "learning_rate", DEFAULTS["learning_rate"], "Peak learning rate of SGD (momentum 0.9, Nesterov).")
+        "learning_rate", DEFAULTS["learning_rate"],
+        "Peak learning rate of SGD (momentum 0.9, Nesterov).")
     flags.DEFINE_float(
-        "weight_decay", DEFAULTS["weight_decay"], "Weight decay as PyTorch's SGD (L2 gradient through the "
-        "momentum; the authors' default 5e-5).")
+        "weight_decay", DEFAULTS["weight_decay"], "Weight decay as PyTorch's SGD (L2 gradient "
+        "through the momentum; the authors' default 5e-5).")
     flags.DEFINE_bool(
         "decoupled_weight_decay", DEFAULTS["decoupled_weight_decay"],
         "Use Keras' decoupled SGD weight_decay instead of PyTorch's coupled L2.")
@@ -147,7 +151,8 @@ def define_flags(runner):
         "Learning-rate schedule: cosine (CosineDecay to 0, as the report), step (the "
         "authors' MultiStepLR, see --step_milestones) or constant.")
     flags.DEFINE_integer(
-        "warmup_epochs", DEFAULTS["warmup_epochs"], "Linear warm-up epochs (cosine schedule).", lower_bound=0)
+        "warmup_epochs", DEFAULTS["warmup_epochs"], "Linear warm-up epochs (cosine schedule).",
+        lower_bound=0)
     flags.DEFINE_list(
         "step_milestones", [str(m) for m in DEFAULTS["step_milestones"]],
         "Step schedule: fractions of --epochs at which the rate is multiplied by "
@@ -160,9 +165,10 @@ def define_flags(runner):
         "backup/, maps/ (--dump_maps). Re-running with the same directory resumes.")
     flags.DEFINE_integer("seed", DEFAULTS["seed"], "Random seed.", lower_bound=0)
     flags.DEFINE_integer(
-        "backup_every_steps", DEFAULTS["backup_every_steps"], "Also back up the training state into MODEL_DIR/backup/ "
-        "every this many steps of an epoch (0: at the end of every epoch only); a re-run "
-        "resumes at the step of the last backup.", lower_bound=0)
+        "backup_every_steps", DEFAULTS["backup_every_steps"],
+        "Also back up the training state into MODEL_DIR/backup/ every this many steps of an "
+        "epoch (0: at the end of every epoch only); a re-run resumes at the step of the last "
+        "backup.", lower_bound=0)
     flags.DEFINE_bool(
         "restart", False, "Delete MODEL_DIR/backup/ and train from scratch instead of "
         "resuming from it.")
@@ -171,10 +177,13 @@ def define_flags(runner):
         "v, ux, vy, input, output) of test images 0-2 into MODEL_DIR/maps/ "
         "(python -m visualize.pde_maps draws others).")
     flags.DEFINE_bool(
-        "deterministic", DEFAULTS["deterministic"], "Deterministic TensorFlow ops (slower; TF backend).")
-    flags.DEFINE_bool("mixed_precision", DEFAULTS["mixed_precision"], "Train under the mixed_float16 policy.")
+        "deterministic", DEFAULTS["deterministic"],
+        "Deterministic TensorFlow ops (slower; TF backend).")
+    flags.DEFINE_bool(
+        "mixed_precision", DEFAULTS["mixed_precision"], "Train under the mixed_float16 policy.")
     flags.DEFINE_enum(
-        "jit_compile", str(DEFAULTS["jit_compile"]).lower(), tuple(_JIT_COMPILE), "XLA compilation (Model.compile).")
+        "jit_compile", str(DEFAULTS["jit_compile"]).lower(), tuple(_JIT_COMPILE),
+        "XLA compilation (Model.compile).")
     flags.DEFINE_enum(
         "distribution", DEFAULTS["distribution"], config.DISTRIBUTIONS,
         "Scale-out: none, mirrored (tf.distribute.MirroredStrategy over the local GPUs; "

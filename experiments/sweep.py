@@ -213,7 +213,8 @@ def sweep(runs, log=print):
             raise ValueError(runner_flags.write_error(error, str(run.workdir))) from None
         if run.table == "mnist":
             confusion(run)
-        log(f"[{index}/{len(runs)}] {runner_flags.summary(results, run.workdir / run_directory.RESULTS_FILE)}")
+        results_path = run.workdir / run_directory.RESULTS_FILE
+        log(f"[{index}/{len(runs)}] {runner_flags.summary(results, results_path)}")
         trained.append(run)
         keras.backend.clear_session()
     return trained, failed

@@ -46,8 +46,6 @@ OVERVIEW_ROW_PX = 190
 OVERVIEW_TITLE_PX = 60
 # The test images `--dump_maps` draws at the end of training.
 DUMP_INDICES = (0, 1, 2)
-# The layers drawn (GlobalLayer, AdvectionDiffusion) of a model, input side first.
-pde_layers = inspection.pde_layers
 
 
 def overview_size(layers):

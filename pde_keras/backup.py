@@ -358,7 +358,7 @@ def resumable_backups(config, workdir, restart):
             f"{str(workdir / BACKUP_DIR)!r}: repair it, or re-run with --restart to train "
             "from scratch") from None
     try:  # The log too: resuming appends to it and reads its best epoch.
-        run_directory.best_epoch(workdir / run_directory.LOG_FILE)
+        run_directory.read_log(workdir / run_directory.LOG_FILE)
     except UnreadableFileError as error:
         raise UnreadableFileError(
             error.path, f"{error.reason}; remove it (resuming then logs the remaining "

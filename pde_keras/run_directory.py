@@ -168,7 +168,11 @@ def best_epoch(log_path):
     The first of equal accuracies, as `keras.callbacks.ModelCheckpoint`
     keeps it.
     """
-    log = read_log(log_path)
+    return best_of(read_log(log_path))
+
+
+def best_of(log):
+    """`best_epoch` of a log already read (`read_log`'s columns)."""
     rows = [(accuracy, int(epoch) + 1)
             for accuracy, epoch in zip(log.get("val_accuracy", []), log.get("epoch", []))
             if accuracy is not None and epoch is not None]

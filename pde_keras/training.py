@@ -229,8 +229,8 @@ def _results(config, workdir, core, dataset, train, test, pipeline, replicas, te
     """The contents of `results.json`."""
     initial_epoch, initial_step, epochs_done = resumed_from
     log_path = workdir / run_directory.LOG_FILE
-    best_accuracy, best_epoch = run_directory.best_epoch(log_path)
     log = run_directory.read_log(log_path)
+    best_accuracy, best_epoch = run_directory.best_of(log)
     train_time = [t for t in log.get(run_callbacks.EpochTimer.KEY, []) if t is not None]
     if best_accuracy is None:  # No epoch logged (e.g. resumed after the last one).
         best_accuracy, best_epoch = float(test_metrics["accuracy"]), epochs_done

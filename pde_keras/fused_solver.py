@@ -137,11 +137,17 @@ def _load():
 
 
 def _register_gradient(tf, library):
+    def zeros_for_none(op, grads):
+        return [tf.zeros_like(output) if grad is None else grad
+                for output, grad in zip(op.outputs, grads)]
+
     @tf.RegisterGradient("PdeKerasSolve")
-    def _solve_gradient(op, grad_solution):
+    def _solve_gradient(op, *grads):
         attrs = {name: op.get_attr(name)
                  for name in ("steps", "dt", "dx", "dy", "boundary", "rectify", "shared_initial")}
-        grads = library.pde_keras_solve_grad(*op.inputs, grad_solution, **attrs)
+        grad_solution, grad_mean, grad_variance = zeros_for_none(op, grads)
+        grads = library.pde_keras_solve_grad(*op.inputs, op.outputs[1], grad_solution, grad_mean,
+                                             grad_variance, **attrs)
         if attrs["shared_initial"]:
             # One tensor is both f and H^0: its whole gradient is the first
             # output (the second is empty), so no sum of two copies follows.
@@ -149,9 +155,14 @@ def _register_gradient(tf, library):
         return grads
 
     @tf.RegisterGradient("PdeKerasDepthwiseMaps")
-    def _depthwise_gradient(op, *grad_maps):
-        grad_maps = [tf.zeros_like(op.inputs[0]) if g is None else g for g in grad_maps]
-        return library.pde_keras_depthwise_maps_grad(op.inputs[0], op.inputs[1], grad_maps)
+    def _depthwise_gradient(op, *grads):
+        *grad_maps, grad_mean, grad_variance = zeros_for_none(op, grads)
+        return library.pde_keras_depthwise_maps_grad(
+            op.inputs[0], op.inputs[1], op.outputs[-2], grad_maps, grad_mean, grad_variance)
+
+    @tf.RegisterGradient("PdeKerasNormalizeRelu")
+    def _normalize_relu_gradient(op, grad_y):
+        return library.pde_keras_normalize_relu_grad(*op.inputs, grad_y)
 
 
 def library():
@@ -219,11 +230,52 @@ def use_compiled(dtype):
     return True
 
 
-def depthwise_maps(inputs, kernel):
+def depthwise_maps(inputs, kernel, statistics=False):
     """The zero-padded 3x3 depth-wise conv of `inputs` (NHWC, float32) by
     `kernel` (3, 3, channels, maps): a list of `maps` tensors shaped like
-    `inputs`, map k from `kernel[..., k]`."""
-    return library().pde_keras_depthwise_maps(inputs, kernel, count=int(kernel.shape[-1]))
+    `inputs`, map k from `kernel[..., k]`.
+
+    With `statistics`, returns `(maps, mean, variance)`: also each map's batch
+    mean and biased variance per channel, `(maps, channels)` each (what a
+    batch normalisation in training mode normalises with), summed by the
+    kernel as it writes the maps, differentiable like the maps.
+    """
+    maps, mean, variance = library().pde_keras_depthwise_maps(
+        inputs, kernel, count=int(kernel.shape[-1]))
+    return (list(maps), mean, variance) if statistics else list(maps)
+
+
+def normalization(norms, statistics=None):
+    """The batch normalisations `norms` (Keras `BatchNormalization` layers over
+    the last axis, one per map) as `(scale, shift)`, `(len(norms), channels)`
+    each: `norm(x) = x * scale + shift`.
+
+    With `statistics = (mean, variance)` (batch statistics of the maps, as
+    `depthwise_maps(..., statistics=True)` gives them) that is the training-mode
+    normalisation, and each layer's moving averages are updated as Keras does;
+    without, the inference-mode one from the moving averages. Differentiable
+    with respect to the statistics and each layer's gamma and beta.
+    """
+    import tensorflow as tf
+
+    gamma = tf.stack([tf.cast(norm.gamma, "float32") for norm in norms])
+    beta = tf.stack([tf.cast(norm.beta, "float32") for norm in norms])
+    epsilon = tf.constant([[norm.epsilon] for norm in norms], "float32")
+    if statistics is None:
+        mean = tf.stack([tf.cast(norm.moving_mean, "float32") for norm in norms])
+        variance = tf.stack([tf.cast(norm.moving_variance, "float32") for norm in norms])
+    else:
+        mean, variance = statistics
+        for norm, map_mean, map_variance in zip(norms, tf.unstack(mean), tf.unstack(variance)):
+            momentum = norm.momentum
+            norm.moving_mean.assign(
+                norm.moving_mean * momentum + tf.cast(map_mean, norm.moving_mean.dtype)
+                * (1.0 - momentum))
+            norm.moving_variance.assign(
+                norm.moving_variance * momentum + tf.cast(map_variance, norm.moving_variance.dtype)
+                * (1.0 - momentum))
+    scale = gamma * tf.math.rsqrt(variance + epsilon)
+    return scale, beta - mean * scale
 
 
 def batch_normalization_training(layer, inputs):
@@ -256,10 +308,29 @@ def batch_normalization_training(layer, inputs):
     return outputs
 
 
-def solve(source, initial, diffusivity, velocity, steps, dt, dx, dy, boundary, rectify=False):
+def solve(source, initial, diffusivity, velocity, steps, dt, dx, dy, boundary, rectify=False,
+          normalization=None, statistics=False):
     """H^K from the kernel; every tensor float32 and shaped like `source`;
-    `rectify`: ReLU the four coefficient maps first."""
-    return library().pde_keras_solve(
+    `rectify`: ReLU the four coefficient maps (D_x, D_y, u, v) first, after
+    `normalization` = (scale, shift), `(4, channels)` each, if given: map m
+    becomes ReLU(map * scale[m] + shift[m]). With `statistics`, returns
+    `(H^K, mean, variance)`: also H^K's batch mean and biased variance per
+    channel (summed as the kernel writes H^K), differentiable like H^K."""
+    import tensorflow as tf
+
+    if normalization is None:  # the identity
+        channels = tf.shape(source)[-1:]
+        normalization = (tf.ones(tf.concat([[4], channels], 0)),
+                         tf.zeros(tf.concat([[4], channels], 0)))
+    solution, mean, variance = library().pde_keras_solve(
         source, initial, diffusivity[0], diffusivity[1], velocity[0], velocity[1],
-        steps=steps, dt=dt, dx=dx, dy=dy, boundary=boundary, rectify=rectify,
+        *normalization, steps=steps, dt=dt, dx=dx, dy=dy, boundary=boundary, rectify=rectify,
         shared_initial=source is initial)
+    return (solution, mean, variance) if statistics else solution
+
+
+def normalize_relu(inputs, scale, shift):
+    """ReLU(inputs * scale + shift) in one pass, for a float32 NHWC tensor and
+    per-channel `scale`, `shift` (a batch normalisation as `normalization`
+    gives it, and the ReLU after it)."""
+    return library().pde_keras_normalize_relu(inputs, scale, shift)

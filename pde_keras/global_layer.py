@@ -14,6 +14,8 @@ INITS = ("identity", "residual")
 # Maps predicted by sub-layers, and which option decides each one's branch.
 _VELOCITY_MAPS = ("u", "v")
 _DIFFUSIVITY_MAPS = ("Dx", "Dy")
+# The solver's order of the four maps (its `coefficient_normalization` rows).
+_SOLVER_MAPS = ("Dx", "Dy", "u", "v")
 # coefficient_epsilon's default: the authors' epsilon, the channel count.
 CHANNELS = "channels"
 
@@ -249,16 +251,36 @@ class GlobalLayer(HasLayerOptions, keras.layers.Layer):
             return fused_solver.batch_normalization_training(layer, inputs)
         return layer(inputs, training=training)
 
+    def _fused_norms(self, initial, training):
+        """Whether the depth-wise maps' and the output's batch norms run inside
+        the compiled kernels: the depth-wise op sums the maps' batch
+        statistics as it writes them, the solver normalises each map as it
+        reads it and sums H^K's statistics as it writes it, and one pass
+        normalises and rectifies H^K (see `_fused_depthwise`, `_fused_solve`):
+        no batch norm makes passes of its own."""
+        if not self.depthwise_maps or not fused_solver.use_compiled(initial.dtype):
+            return False
+        if training is True:  # batch statistics, unless a frozen norm uses its averages
+            norms = [self.output_bn] + [self.branches[name][0] for name in self.depthwise_maps]
+            return all(norm.trainable for norm in norms)
+        return training in (None, False)
+
     def _coefficients(self, initial, training):
-        """Returns (maps, pre_activation): D_x, D_y, u, v from H^0.
+        """Returns (maps, pre_activation, normalization): D_x, D_y, u, v from H^0.
 
         Learned maps are float32 tensors; constant ones are python floats.
-        `pre_activation` holds the learned maps before their ReLU.
+        `pre_activation` holds the learned maps before their ReLU, as the
+        solver takes them. `normalization` is None, or on the fused path
+        `(scale, shift)` (the solver's `coefficient_normalization`): then the
+        depth-wise maps in `pre_activation` are before their batch norm too.
         """
-        maps, pre_activation = {}, {}
-        branch_inputs = self._split_depthwise(initial) if self.depthwise_maps else {}
+        maps, pre_activation, normalization = {}, {}, None
+        if self._fused_norms(initial, training):
+            pre_activation, normalization = self._fused_depthwise(initial, training)
+        branch_inputs = (self._split_depthwise(initial)
+                         if self.depthwise_maps and normalization is None else {})
         for map_name, branch in self.branches.items():
-            if branch:
+            if branch and map_name not in pre_activation:
                 h = branch_inputs.get(map_name, initial)
                 for layer in branch:
                     h = self._apply(layer, h, training)
@@ -274,21 +296,59 @@ class GlobalLayer(HasLayerOptions, keras.layers.Layer):
         elif self.diffusivity == "perona_malik":
             maps["Dx"] = maps["Dy"] = solver.perona_malik_diffusivity(
                 initial32, self.perona_malik_lambda, self.boundary)
-        return maps, pre_activation
+        return maps, pre_activation, normalization
+
+    def _fused_depthwise(self, initial, training):
+        """The depth-wise maps before their batch norms, and the norms as the
+        solver's `(scale, shift)` rows (the identity for the other maps)."""
+        norms = [self.branches[name][0] for name in self.depthwise_maps]
+        raw, mean, variance = fused_solver.depthwise_maps(
+            initial, ops.cast(self.coefficient_conv.kernel, initial.dtype), statistics=True)
+        scale, shift = fused_solver.normalization(
+            norms, (mean, variance) if training is True else None)
+        identity = len(self.depthwise_maps)
+        rows = [self.depthwise_maps.index(name) if name in self.depthwise_maps else identity
+                for name in _SOLVER_MAPS]
+        if rows != list(range(4)):
+            ones = ops.ones_like(scale[:1])
+            scale = ops.take(ops.concatenate([scale, ones], axis=0), rows, axis=0)
+            shift = ops.take(ops.concatenate([shift, 0.0 * ones], axis=0), rows, axis=0)
+        return dict(zip(self.depthwise_maps, raw)), (scale, shift)
+
+    def _fused_solve(self, inputs, initial, given, normalization, training):
+        """(H^K, output) from the compiled solver, which normalises the maps
+        by `normalization` and sums H^K's batch statistics, and one pass of
+        the output batch norm + ReLU (all float32 on this path)."""
+        d_x, d_y, u, v = (solver.broadcast_like(given[name], inputs) for name in _SOLVER_MAPS)
+        solution, mean, variance = fused_solver.solve(
+            inputs, initial, (d_x, d_y), (u, v), self.steps, dt=self.dt, dx=self.dx, dy=self.dy,
+            boundary=self.boundary, rectify=True, normalization=normalization, statistics=True)
+        scale, shift = fused_solver.normalization(
+            [self.output_bn], (mean[None], variance[None]) if training is True else None)
+        return solution, fused_solver.normalize_relu(solution, scale[0], shift[0])
 
     def _run(self, inputs, training):
         initial = inputs if self.init_block is None else self.init_block(inputs, training=training)
-        maps, pre_activation = self._coefficients(initial, training)
+        maps, pre_activation, normalization = self._coefficients(initial, training)
         # The solver applies the learned maps' ReLU itself (in the compiled
         # kernel's pass over the maps); the other maps are >= 0 already.
         given = {**maps, **pre_activation}
-        solution = solver.solve_advection_diffusion(
-            ops.cast(inputs, "float32"), ops.cast(initial, "float32"),
-            (given["Dx"], given["Dy"]), (given["u"], given["v"]), self.steps,
-            dt=self.dt, dx=self.dx, dy=self.dy, boundary=self.boundary,
-            rectify_coefficients=True)
-        solution = ops.cast(solution, self.compute_dtype)
-        output = ops.relu(self._apply(self.output_bn, solution, training))
+        if normalization is not None:
+            solution, output = self._fused_solve(inputs, initial, given, normalization, training)
+        else:
+            solution = solver.solve_advection_diffusion(
+                ops.cast(inputs, "float32"), ops.cast(initial, "float32"),
+                (given["Dx"], given["Dy"]), (given["u"], given["v"]), self.steps,
+                dt=self.dt, dx=self.dx, dy=self.dy, boundary=self.boundary,
+                rectify_coefficients=True)
+            solution = ops.cast(solution, self.compute_dtype)
+            output = ops.relu(self._apply(self.output_bn, solution, training))
+        if normalization is not None:  # the maps as the solver used them, for inspection
+            scale, shift = normalization
+            for m, name in enumerate(_SOLVER_MAPS):
+                if name in self.depthwise_maps:
+                    pre_activation[name] = pre_activation[name] * scale[m] + shift[m]
+                    maps[name] = ops.relu(pre_activation[name])
         return output, initial, solution, maps, pre_activation
 
     def call(self, inputs, training=None):

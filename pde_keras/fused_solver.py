@@ -160,6 +160,27 @@ def _register_gradient(tf, library):
         return library.pde_keras_depthwise_maps_grad(
             op.inputs[0], op.inputs[1], op.outputs[-2], grad_maps, grad_mean, grad_variance)
 
+    @tf.RegisterGradient("PdeKerasNormalization")
+    def _normalization_gradient(op, grad_scale, grad_shift):
+        count, epsilon = op.get_attr("count"), op.get_attr("epsilon")
+        gamma, beta, mean, variance = (op.inputs[i * count:(i + 1) * count] for i in range(4))
+        grads = [[None] * count for _ in range(4)]
+        for row, n in enumerate(op.get_attr("rows")):
+            if n < 0:
+                continue
+            # scale = gamma / sqrt(variance + epsilon), shift = beta - mean * scale.
+            d_scale = tf.reshape(grad_scale[row], tf.shape(gamma[n]))
+            d_shift = tf.reshape(grad_shift[row], tf.shape(gamma[n]))
+            inverse = tf.math.rsqrt(variance[n] + epsilon[n])
+            through_scale = d_scale - d_shift * mean[n]
+            for k, grad in enumerate((through_scale * inverse, d_shift,
+                                      -d_shift * gamma[n] * inverse,
+                                      -0.5 * through_scale * gamma[n] * inverse ** 3)):
+                grads[k][n] = grad if grads[k][n] is None else grads[k][n] + grad
+        return [tf.zeros_like(value) if grad is None else grad
+                for values, row_grads in zip((gamma, beta, mean, variance), grads)
+                for value, grad in zip(values, row_grads)]
+
     @tf.RegisterGradient("PdeKerasNormalizeRelu")
     def _normalize_relu_gradient(op, grad_y):
         return library.pde_keras_normalize_relu_grad(*op.inputs, grad_y)
@@ -245,37 +266,37 @@ def depthwise_maps(inputs, kernel, statistics=False):
     return (list(maps), mean, variance) if statistics else list(maps)
 
 
-def normalization(norms, statistics=None):
+def normalization(norms, statistics=None, rows=None):
     """The batch normalisations `norms` (Keras `BatchNormalization` layers over
-    the last axis, one per map) as `(scale, shift)`, `(len(norms), channels)`
-    each: `norm(x) = x * scale + shift`.
+    the last axis) as `(scale, shift)`, `(len(rows), channels)` each: row r
+    normalises as `x * scale[r] + shift[r]` what `norms[rows[r]]` normalises,
+    or is the identity (1, 0) where `rows[r]` is -1 (default: one row per
+    norm, in order). One kernel computes them.
 
-    With `statistics = (mean, variance)` (batch statistics of the maps, as
-    `depthwise_maps(..., statistics=True)` gives them) that is the training-mode
-    normalisation, and each layer's moving averages are updated as Keras does;
-    without, the inference-mode one from the moving averages. Differentiable
-    with respect to the statistics and each layer's gamma and beta.
+    With `statistics = (mean, variance)` (the batch statistics, one per norm:
+    `(len(norms), channels)` tensors, as `depthwise_maps(..., statistics=True)`
+    gives them, or lists) that is the training-mode normalisation, and each
+    layer's moving averages are updated as Keras does; without, the
+    inference-mode one from the moving averages. Differentiable with respect
+    to the statistics and each layer's gamma and beta.
     """
     import tensorflow as tf
 
-    gamma = tf.stack([tf.cast(norm.gamma, "float32") for norm in norms])
-    beta = tf.stack([tf.cast(norm.beta, "float32") for norm in norms])
-    epsilon = tf.constant([[norm.epsilon] for norm in norms], "float32")
+    rows = list(range(len(norms))) if rows is None else [int(row) for row in rows]
     if statistics is None:
-        mean = tf.stack([tf.cast(norm.moving_mean, "float32") for norm in norms])
-        variance = tf.stack([tf.cast(norm.moving_variance, "float32") for norm in norms])
+        mean = [norm.moving_mean for norm in norms]
+        variance = [norm.moving_variance for norm in norms]
     else:
-        mean, variance = statistics
-        for norm, map_mean, map_variance in zip(norms, tf.unstack(mean), tf.unstack(variance)):
+        mean, variance = (list(value) if isinstance(value, (list, tuple)) else tf.unstack(value)
+                          for value in statistics)
+        for norm, map_mean, map_variance in zip(norms, mean, variance):
             momentum = norm.momentum
-            norm.moving_mean.assign(
-                norm.moving_mean * momentum + tf.cast(map_mean, norm.moving_mean.dtype)
-                * (1.0 - momentum))
+            norm.moving_mean.assign(norm.moving_mean * momentum + map_mean * (1.0 - momentum))
             norm.moving_variance.assign(
-                norm.moving_variance * momentum + tf.cast(map_variance, norm.moving_variance.dtype)
-                * (1.0 - momentum))
-    scale = gamma * tf.math.rsqrt(variance + epsilon)
-    return scale, beta - mean * scale
+                norm.moving_variance * momentum + map_variance * (1.0 - momentum))
+    return library().pde_keras_normalization(
+        [norm.gamma for norm in norms], [norm.beta for norm in norms], mean, variance,
+        epsilon=[float(norm.epsilon) for norm in norms], rows=rows)
 
 
 def batch_normalization_training(layer, inputs):

@@ -303,29 +303,27 @@ class GlobalLayer(HasLayerOptions, keras.layers.Layer):
         solver's `(scale, shift)` rows (the identity for the other maps)."""
         norms = [self.branches[name][0] for name in self.depthwise_maps]
         raw, mean, variance = fused_solver.depthwise_maps(
-            initial, ops.cast(self.coefficient_conv.kernel, initial.dtype), statistics=True)
-        scale, shift = fused_solver.normalization(
-            norms, (mean, variance) if training is True else None)
-        identity = len(self.depthwise_maps)
-        rows = [self.depthwise_maps.index(name) if name in self.depthwise_maps else identity
+            initial, self.coefficient_conv.kernel, statistics=True)
+        rows = [self.depthwise_maps.index(name) if name in self.depthwise_maps else -1
                 for name in _SOLVER_MAPS]
-        if rows != list(range(4)):
-            ones = ops.ones_like(scale[:1])
-            scale = ops.take(ops.concatenate([scale, ones], axis=0), rows, axis=0)
-            shift = ops.take(ops.concatenate([shift, 0.0 * ones], axis=0), rows, axis=0)
-        return dict(zip(self.depthwise_maps, raw)), (scale, shift)
+        normalization = fused_solver.normalization(
+            norms, (mean, variance) if training is True else None, rows)
+        return dict(zip(self.depthwise_maps, raw)), normalization
 
     def _fused_solve(self, inputs, initial, given, normalization, training):
         """(H^K, output) from the compiled solver, which normalises the maps
         by `normalization` and sums H^K's batch statistics, and one pass of
         the output batch norm + ReLU (all float32 on this path)."""
-        d_x, d_y, u, v = (solver.broadcast_like(given[name], inputs) for name in _SOLVER_MAPS)
+        # Learned maps are full tensors already; constants become full maps.
+        d_x, d_y, u, v = (solver.broadcast_like(given[name], inputs)
+                          if isinstance(given[name], (int, float)) else given[name]
+                          for name in _SOLVER_MAPS)
         solution, mean, variance = fused_solver.solve(
             inputs, initial, (d_x, d_y), (u, v), self.steps, dt=self.dt, dx=self.dx, dy=self.dy,
             boundary=self.boundary, rectify=True, normalization=normalization, statistics=True)
         scale, shift = fused_solver.normalization(
-            [self.output_bn], (mean[None], variance[None]) if training is True else None)
-        return solution, fused_solver.normalize_relu(solution, scale[0], shift[0])
+            [self.output_bn], ([mean], [variance]) if training is True else None)
+        return solution, fused_solver.normalize_relu(solution, scale, shift)
 
     def _run(self, inputs, training):
         initial = inputs if self.init_block is None else self.init_block(inputs, training=training)
@@ -343,13 +341,7 @@ class GlobalLayer(HasLayerOptions, keras.layers.Layer):
                 rectify_coefficients=True)
             solution = ops.cast(solution, self.compute_dtype)
             output = ops.relu(self._apply(self.output_bn, solution, training))
-        if normalization is not None:  # the maps as the solver used them, for inspection
-            scale, shift = normalization
-            for m, name in enumerate(_SOLVER_MAPS):
-                if name in self.depthwise_maps:
-                    pre_activation[name] = pre_activation[name] * scale[m] + shift[m]
-                    maps[name] = ops.relu(pre_activation[name])
-        return output, initial, solution, maps, pre_activation
+        return output, initial, solution, maps, pre_activation, normalization
 
     def call(self, inputs, training=None):
         return self._run(inputs, training)[0]
@@ -373,7 +365,14 @@ class GlobalLayer(HasLayerOptions, keras.layers.Layer):
         inputs = ops.convert_to_tensor(inputs, dtype=self.compute_dtype)
         if not self.built:
             self.build(tuple(inputs.shape))
-        output, initial, solution, maps, pre_activation = self._run(inputs, training)
+        output, initial, solution, maps, pre_activation, normalization = self._run(
+            inputs, training)
+        if normalization is not None:  # the compiled path's maps, before their batch norms
+            scale, shift = normalization
+            for m, name in enumerate(_SOLVER_MAPS):
+                if name in self.depthwise_maps:
+                    pre_activation[name] = pre_activation[name] * scale[m] + shift[m]
+                    maps[name] = ops.relu(pre_activation[name])
         like = ops.cast(solution, "float32")
         full = {name: solver.broadcast_like(value, like) for name, value in maps.items()}
         result = {

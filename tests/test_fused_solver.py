@@ -519,9 +519,41 @@ def test_kernels_reject_mismatched_shapes():
                                                               r"expected \[4,3\]"):
         library.pde_keras_solve(x, x, x, x, x, x, tf.ones((4, 2)), tf.zeros((4, 3)), steps=1,
                                 dt=0.2, dx=1.0, dy=1.0, boundary="periodic")
-    with pytest.raises(tf.errors.InvalidArgumentError, match=r"input 1 has shape \[2\], "
-                                                              r"expected \[3\]"):
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=r"input 1 has shape \[2\], expected one value per channel of "
+                             r"\[1,4,5,3\]"):
         library.pde_keras_normalize_relu(x, tf.ones((2,)), tf.zeros((3,)))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="2 epsilons for 1 norms"):
+        library.pde_keras_normalization([tf.ones(3)], [tf.ones(3)], [tf.ones(3)], [tf.ones(3)],
+                                        epsilon=[1e-3, 1e-3], rows=[0])
     with pytest.raises(tf.errors.InvalidArgumentError, match="statistics and their gradients"):
         library.pde_keras_depthwise_maps_grad(x, tf.zeros((3, 3, 3, 2)), tf.zeros((2, 2)),
                                               [x, x], tf.zeros((2, 3)), tf.zeros((2, 3)))
+
+
+@tensorflow_only
+def test_normalization_kernel_gradients_match_tensorflow():
+    """d(scale, shift)/d(gamma, beta, mean, variance) of the kernel, identity rows
+    and a norm used twice included, against TensorFlow's autodiff of the formula."""
+    import tensorflow as tf
+
+    rng = np.random.default_rng(21)
+    values = [rng.uniform(0.5, 2.0, (2, 3)).astype("float32") for _ in range(4)]
+    epsilon, rows = [1e-3, 3.0], [1, -1, 0, 1]
+    weights = _weights_like([np.zeros((4, 3))] * 2, 22)
+
+    def compiled(gamma, beta, mean, variance):
+        return fused_solver.library().pde_keras_normalization(
+            tf.unstack(gamma), tf.unstack(beta), tf.unstack(mean), tf.unstack(variance),
+            epsilon=epsilon, rows=rows)
+
+    def reference(gamma, beta, mean, variance):
+        scale = gamma * tf.math.rsqrt(variance + tf.constant(epsilon)[:, None])
+        shift = beta - mean * scale
+        pick = lambda value, identity: tf.stack(  # noqa: E731
+            [value[row] if row >= 0 else tf.fill((3,), identity) for row in rows])
+        return [pick(scale, 1.0), pick(shift, 0.0)]
+
+    for actual, expected in zip(_gradients(compiled, values, weights),
+                                _gradients(reference, values, weights)):
+        assert _max_relative_error(actual, expected) <= 1e-5

@@ -39,6 +39,7 @@
 // TensorFlow's intra-op thread pool.
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
@@ -815,7 +816,11 @@ class WorkspacePool {
 
 // Runs `work(unit, workspace)` for every unit on TensorFlow's CPU thread
 // pool; each shard (a range of units on one thread) takes a Workspace from
-// `pool`, whose buffers the shard's units reuse.
+// `pool`, whose buffers the shard's units reuse. `cost_per_unit` is in CPU
+// cycles, measured (one thread, this machine's AVX2 build): the pool splits
+// the work only where the total outweighs its ~1e5-cycle start-up cost per
+// thread, so a batch-1 call runs on one thread (waking a second one would
+// take longer than the work).
 template <typename Workspace, typename Work>
 void ForEachUnit(OpKernelContext* context, const Geometry& g, int64_t cost_per_unit,
                  WorkspacePool<Workspace>& workspaces, Work work) {
@@ -853,7 +858,7 @@ class SolveOp : public OpKernel {
     for (int i = 0; i < 8; ++i) inputs[i] = context->input(i).flat<float>().data();
     float* out = output->flat<float>().data();
     const Grid grid(g.height, g.width);
-    const int64_t cost = g.cells * kLanes * (30 + 15 * settings_.steps);
+    const int64_t cost = g.cells * (10 + 5 * settings_.steps);
     std::vector<Doubles> partial(g.units() * 2);  // H^K's moments per unit
     ForEachUnit(context, g, cost, workspaces_, [&](const Unit& unit, Forward& forward) {
       Affine affine[4];
@@ -914,7 +919,7 @@ class SolveGradOp : public OpKernel {
         g, 1, context->input(8).flat<float>().data(), context->input(10).flat<float>().data(),
         context->input(11).flat<float>().data(), share_a, share_b);
     const Grid grid(g.height, g.width);
-    const int64_t cost = g.cells * kLanes * (80 + 45 * settings_.steps);
+    const int64_t cost = g.cells * (15 + 28 * settings_.steps);
     // Per unit, the normalisations' sums (Backward::normalization).
     std::vector<Doubles> partial(settings_.rectify ? g.units() * 8 : 0);
     ForEachUnit(context, g, cost, workspaces_,
@@ -973,12 +978,14 @@ Geometry CheckNormalizeInputs(OpKernelContext* context, int count) {
     return Geometry(TensorShape({0, 0, 0, 0}));
   }
   for (int i = 1; i < count; ++i) {
-    const TensorShape expected =
-        i < 3 ? TensorShape({shape.dim_size(3)}) : shape;  // scale, shift, then like x
-    if (context->input(i).shape() != expected) {
+    // scale and shift: one value per channel (any shape); then a tensor like x.
+    const bool ok = i < 3 ? context->input(i).NumElements() == shape.dim_size(3)
+                          : context->input(i).shape() == shape;
+    if (!ok) {
       context->CtxFailure(InvalidArgument("PdeKerasNormalizeRelu: input ", i, " has shape ",
                                           context->input(i).shape().DebugString(), ", expected ",
-                                          expected.DebugString()));
+                                          i < 3 ? "one value per channel of " : "",
+                                          shape.DebugString()));
       return Geometry(TensorShape({0, 0, 0, 0}));
     }
   }
@@ -1006,7 +1013,7 @@ class NormalizeReluOp : public OpKernel {
     if (g.units() == 0 || g.cells == 0) return;
     const float* x = context->input(0).flat<float>().data();
     float* y = output->flat<float>().data();
-    ForEachUnit(context, g, g.cells * kLanes * 3, workspaces_,
+    ForEachUnit(context, g, g.cells * 2, workspaces_,
                 [&](const Unit& unit, NoWorkspace&) {
       const Affine a = GatherNormalization(context, g, unit);
       unit.block == kLanes ? Run<true>(g, unit, a, x, y) : Run<false>(g, unit, a, x, y);
@@ -1047,7 +1054,7 @@ class NormalizeReluGradOp : public OpKernel {
     const float* x = context->input(0).flat<float>().data();
     const float* dy = context->input(3).flat<float>().data();
     std::vector<Doubles> partial(g.units() * 2);  // per unit: dL/dshift, dL/dscale
-    ForEachUnit(context, g, g.cells * kLanes * 6, workspaces_,
+    ForEachUnit(context, g, g.cells * 5, workspaces_,
                 [&](const Unit& unit, NoWorkspace&) {
       const Affine a = GatherNormalization(context, g, unit);
       Doubles* sums = &partial[(unit.image * g.blocks + unit.channel / kLanes) * 2];
@@ -1087,6 +1094,68 @@ class NormalizeReluGradOp : public OpKernel {
   }
 
   WorkspacePool<NoWorkspace> workspaces_;
+};
+
+// ---------------------------------------------------------------------------
+// Batch norms as per-channel (scale, shift): scale = gamma / sqrt(variance +
+// epsilon), shift = beta - mean * scale, for N norms at once (their weights or
+// batch statistics given as lists), as the rows of (R, channels) tensors:
+// output row r is norm rows[r], or the identity (1, 0) where rows[r] < 0. One
+// op instead of a chain of small ones (stacks, rsqrt, products), whose
+// per-op cost dominates a batch-1 call. Its gradient is written in Python.
+// ---------------------------------------------------------------------------
+
+class NormalizationOp : public OpKernel {
+ public:
+  explicit NormalizationOp(OpKernelConstruction* context) : OpKernel(context) {
+    OP_REQUIRES_OK(context, context->GetAttr("epsilon", &epsilon_));
+    OP_REQUIRES_OK(context, context->GetAttr("rows", &rows_));
+  }
+
+  void Compute(OpKernelContext* context) override {
+    const int64_t norms = context->num_inputs() / 4;
+    OP_REQUIRES(context, static_cast<int64_t>(epsilon_.size()) == norms,
+                InvalidArgument("PdeKerasNormalization: ", epsilon_.size(), " epsilons for ",
+                                norms, " norms"));
+    const int64_t channels = context->input(0).NumElements();
+    for (int i = 0; i < context->num_inputs(); ++i) {
+      OP_REQUIRES(context, context->input(i).NumElements() == channels,
+                  InvalidArgument("PdeKerasNormalization: input ", i, " has ",
+                                  context->input(i).NumElements(), " values, expected ",
+                                  channels));
+    }
+    for (int row : rows_) {
+      OP_REQUIRES(context, row < norms,
+                  InvalidArgument("PdeKerasNormalization: row ", row, " of ", norms, " norms"));
+    }
+    const int64_t rows = rows_.size();
+    float* out[2];
+    for (int i = 0; i < 2; ++i) {
+      Tensor* output = nullptr;
+      OP_REQUIRES_OK(context, context->allocate_output(i, TensorShape({rows, channels}), &output));
+      out[i] = output->flat<float>().data();
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      const int n = rows_[r];
+      for (int64_t c = 0; c < channels; ++c) {
+        float scale = 1.0f, shift = 0.0f;
+        if (n >= 0) {
+          const float gamma = context->input(n).flat<float>()(c);
+          const float beta = context->input(norms + n).flat<float>()(c);
+          const float mean = context->input(2 * norms + n).flat<float>()(c);
+          const float variance = context->input(3 * norms + n).flat<float>()(c);
+          scale = gamma / std::sqrt(variance + epsilon_[n]);
+          shift = beta - mean * scale;
+        }
+        out[0][r * channels + c] = scale;
+        out[1][r * channels + c] = shift;
+      }
+    }
+  }
+
+ private:
+  std::vector<float> epsilon_;
+  std::vector<int> rows_;
 };
 
 // ---------------------------------------------------------------------------
@@ -1181,7 +1250,7 @@ class DepthwiseOp : public OpKernel {
     }
     // Per unit and map: the sum and the sum of squares.
     std::vector<Doubles> partial(g.units() * 2 * maps);
-    ForEachUnit(context, g, g.cells * kLanes * 20 * maps, workspaces_,
+    ForEachUnit(context, g, g.cells * 4 * maps, workspaces_,
                 [&](const Unit& unit, Workspace& workspace) {
       Doubles* moments = &partial[(unit.image * g.blocks + unit.channel / kLanes) * 2 * maps];
       if (unit.block == kLanes) {
@@ -1283,7 +1352,7 @@ class DepthwiseGradOp : public OpKernel {
     // The kernel's gradient sums over the batch: one partial sum per unit,
     // added up in a fixed order afterwards (deterministic, no locks).
     std::vector<Lanes> partial(g.units() * 9 * maps, kZero);
-    ForEachUnit(context, g, g.cells * kLanes * 40 * maps, workspaces_,
+    ForEachUnit(context, g, g.cells * 8 * maps, workspaces_,
                 [&](const Unit& unit, Workspace& workspace) {
       auto& [padded_x, padded_g, grad, taps, a, b] = workspace;
       GatherPadded(g, problem.x, unit, padded_x);
@@ -1494,6 +1563,28 @@ REGISTER_KERNEL_BUILDER(Name("PdeKerasNormalizeRelu").Device(::tensorflow::DEVIC
                         NormalizeReluOp);
 REGISTER_KERNEL_BUILDER(Name("PdeKerasNormalizeReluGrad").Device(::tensorflow::DEVICE_CPU),
                         NormalizeReluGradOp);
+REGISTER_OP("PdeKerasNormalization")
+    .Input("gamma: count * float")
+    .Input("beta: count * float")
+    .Input("mean: count * float")
+    .Input("variance: count * float")
+    .Output("scale: float")
+    .Output("shift: float")
+    .Attr("count: int >= 1")
+    .Attr("epsilon: list(float)")
+    .Attr("rows: list(int)")
+    .SetShapeFn([](::tensorflow::shape_inference::InferenceContext* c) {
+      std::vector<int> rows;
+      TF_RETURN_IF_ERROR(c->GetAttr("rows", &rows));
+      const auto shape =
+          c->Matrix(static_cast<int64_t>(rows.size()), c->NumElements(c->input(0)));
+      c->set_output(0, shape);
+      c->set_output(1, shape);
+      return ::tensorflow::OkStatus();
+    });
+
+REGISTER_KERNEL_BUILDER(Name("PdeKerasNormalization").Device(::tensorflow::DEVICE_CPU),
+                        NormalizationOp);
 REGISTER_KERNEL_BUILDER(Name("PdeKerasDepthwiseMaps").Device(::tensorflow::DEVICE_CPU),
                         DepthwiseOp);
 REGISTER_KERNEL_BUILDER(Name("PdeKerasDepthwiseMapsGrad").Device(::tensorflow::DEVICE_CPU),

@@ -181,6 +181,27 @@ def _register_gradient(tf, library):
                 for values, row_grads in zip((gamma, beta, mean, variance), grads)
                 for value, grad in zip(values, row_grads)]
 
+    @tf.RegisterGradient("PdeKerasGlobalInference")
+    def _global_inference_gradient(op, grad_output):
+        # The three-op path computes the same; its ops' gradients chain.
+        attrs = {name: op.get_attr(name)
+                 for name in ("steps", "dt", "dx", "dy", "boundary", "maps")}
+        # With shared_initial, one tensor is both f and H^0: all its gradient
+        # goes to the second input (TensorFlow adds the two).
+        shared = op.get_attr("shared_initial")
+        inputs = list(op.inputs)[1:] if shared else list(op.inputs)
+        with tf.GradientTape() as tape:
+            tape.watch(inputs)
+            initial, kernel, scale, shift = inputs[-4:]
+            source = initial if shared else inputs[0]
+            maps = depthwise_maps(initial, kernel)
+            d_x, d_y, u, v = (maps[k] for k in attrs.pop("maps"))
+            solution = solve(source, initial, (d_x, d_y), (u, v), **attrs, rectify=True,
+                             normalization=(scale[:4], shift[:4]))
+            output = normalize_relu(solution, scale[4], shift[4])
+        grads = tape.gradient(output, inputs, output_gradients=grad_output)
+        return [None] + grads if shared else grads
+
     @tf.RegisterGradient("PdeKerasNormalizeRelu")
     def _normalize_relu_gradient(op, grad_y):
         return library.pde_keras_normalize_relu_grad(*op.inputs, grad_y)
@@ -348,6 +369,21 @@ def solve(source, initial, diffusivity, velocity, steps, dt, dx, dy, boundary, r
         *normalization, steps=steps, dt=dt, dx=dx, dy=dy, boundary=boundary, rectify=rectify,
         shared_initial=source is initial)
     return (solution, mean, variance) if statistics else solution
+
+
+def global_inference(source, initial, kernel, maps, normalization, steps, dt, dx, dy, boundary):
+    """The Global layer in one kernel: with `(scale, shift) = normalization`,
+    `(5, channels)` each, `normalize_relu(solve(source, initial, (D_x, D_y),
+    (u, v), ..., rectify=True, normalization=(scale[:4], shift[:4])),
+    scale[4], shift[4])`, D_x, D_y, u, v the depth-wise maps
+    `depthwise_maps(initial, kernel)[k]` for k in `maps` (four indices); the
+    maps and H^K never leave the kernel's per-unit buffers. What the layer
+    runs in inference mode; differentiable (the gradient recomputes the
+    three-op path)."""
+    return library().pde_keras_global_inference(
+        source, initial, kernel, *normalization, steps=steps, dt=dt,
+        dx=dx, dy=dy, boundary=boundary, maps=[int(k) for k in maps],
+        shared_initial=source is initial)
 
 
 def normalize_relu(inputs, scale, shift):

@@ -310,6 +310,14 @@ class GlobalLayer(HasLayerOptions, keras.layers.Layer):
             norms, (mean, variance) if training is True else None, rows)
         return dict(zip(self.depthwise_maps, raw)), normalization
 
+    def _fused_inference(self, inputs, initial):
+        """The output in inference mode, one compiled op (every map depth-wise)."""
+        norms = [self.branches[name][0] for name in _SOLVER_MAPS] + [self.output_bn]
+        rows = [self.depthwise_maps.index(name) for name in _SOLVER_MAPS]
+        return fused_solver.global_inference(
+            inputs, initial, self.coefficient_conv.kernel, rows, fused_solver.normalization(norms),
+            self.steps, dt=self.dt, dx=self.dx, dy=self.dy, boundary=self.boundary)
+
     def _fused_solve(self, inputs, initial, given, normalization, training):
         """(H^K, output) from the compiled solver, which normalises the maps
         by `normalization` and sums H^K's batch statistics, and one pass of
@@ -325,8 +333,11 @@ class GlobalLayer(HasLayerOptions, keras.layers.Layer):
             [self.output_bn], ([mean], [variance]) if training is True else None)
         return solution, fused_solver.normalize_relu(solution, scale, shift)
 
-    def _run(self, inputs, training):
+    def _run(self, inputs, training, inspect=False):
         initial = inputs if self.init_block is None else self.init_block(inputs, training=training)
+        if not inspect and training is not True and len(self.depthwise_maps) == 4 and (
+                self._fused_norms(initial, training)):
+            return (self._fused_inference(inputs, initial),)
         maps, pre_activation, normalization = self._coefficients(initial, training)
         # The solver applies the learned maps' ReLU itself (in the compiled
         # kernel's pass over the maps); the other maps are >= 0 already.
@@ -366,7 +377,7 @@ class GlobalLayer(HasLayerOptions, keras.layers.Layer):
         if not self.built:
             self.build(tuple(inputs.shape))
         output, initial, solution, maps, pre_activation, normalization = self._run(
-            inputs, training)
+            inputs, training, inspect=True)
         if normalization is not None:  # the compiled path's maps, before their batch norms
             scale, shift = normalization
             for m, name in enumerate(_SOLVER_MAPS):

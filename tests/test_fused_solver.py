@@ -557,3 +557,63 @@ def test_normalization_kernel_gradients_match_tensorflow():
     for actual, expected in zip(_gradients(compiled, values, weights),
                                 _gradients(reference, values, weights)):
         assert _max_relative_error(actual, expected) <= 1e-5
+
+
+@tensorflow_only
+@pytest.mark.parametrize("shape", [(2, 7, 9, 3), (1, 5, 1, 2), (1, 4, 6, 11)])
+@pytest.mark.parametrize("steps, boundary", [(1, "periodic"), (2, "neumann"), (5, "dirichlet")])
+@pytest.mark.parametrize("shared", [True, False])
+def test_global_inference_is_the_three_op_path(shared, steps, boundary, shape):
+    """The one-op inference layer against depthwise_maps -> solve -> normalize_relu,
+    forward and every gradient."""
+    rng = np.random.default_rng(23)
+    channels = shape[-1]
+    initial = rng.standard_normal(shape).astype("float32")
+    source = initial if shared else rng.standard_normal(shape).astype("float32")
+    kernel = (0.5 * rng.standard_normal((3, 3, channels, 4))).astype("float32")
+    scale = rng.uniform(0.3, 1.5, (5, channels)).astype("float32")
+    shift = (0.3 * rng.standard_normal((5, channels))).astype("float32")
+    maps = [2, 0, 3, 1]  # the kernel's maps for D_x, D_y, u, v
+    options = dict(steps=steps, dt=0.2, dx=1.0, dy=0.5, boundary=boundary)
+    weights = _weights_like([initial], 24)
+
+    def one_op(*arrays):
+        source, initial = (arrays[0], arrays[0]) if shared else arrays[:2]
+        kernel, scale, shift = arrays[-3:]
+        return [fused_solver.global_inference(source, initial, kernel, maps, (scale, shift),
+                                              **options)]
+
+    def three_ops(*arrays):
+        source, initial = (arrays[0], arrays[0]) if shared else arrays[:2]
+        kernel, scale, shift = arrays[-3:]
+        computed = fused_solver.depthwise_maps(initial, kernel)
+        d_x, d_y, u, v = (computed[k] for k in maps)
+        solution = fused_solver.solve(source, initial, (d_x, d_y), (u, v), rectify=True,
+                                      normalization=(scale[:4], shift[:4]), **options)
+        return [fused_solver.normalize_relu(solution, scale[4], shift[4])]
+
+    arrays = ([] if shared else [source]) + [initial, kernel, scale, shift]
+    for actual, expected in zip(_gradients(one_op, arrays, weights),
+                                _gradients(three_ops, arrays, weights)):
+        assert _max_relative_error(actual, expected) <= 1e-5
+
+
+@tensorflow_only
+@pytest.mark.usefixtures("restore_path")
+def test_layer_runs_inference_as_one_op_and_still_shows_its_maps():
+    import tensorflow as tf
+
+    os.environ[fused_solver.ENVIRONMENT_VARIABLE] = "compiled"
+    x = np.random.default_rng(25).standard_normal((2, 6, 5, 3)).astype("float32")
+    layer = pde_keras.GlobalLayer(steps=2)
+    layer.build(x.shape)
+    for training in (False, True):
+        graph = tf.function(lambda x: layer(x, training=training)).get_concrete_function(
+            tf.constant(x)).graph
+        kernels = {op.type for op in graph.get_operations() if op.type.startswith("PdeKeras")}
+        assert ("PdeKerasGlobalInference" in kernels) == (not training), kernels
+    maps = layer.coefficient_maps(x)
+    np.testing.assert_allclose(maps["output"], layer(x), rtol=1e-6, atol=1e-6)
+    os.environ[fused_solver.ENVIRONMENT_VARIABLE] = "reference"
+    for name, value in layer.coefficient_maps(x).items():
+        np.testing.assert_allclose(maps[name], value, rtol=1e-5, atol=1e-5, err_msg=name)

@@ -103,8 +103,13 @@ struct Settings {
     OP_REQUIRES_OK(context, context->GetAttr("dx", &dx));
     OP_REQUIRES_OK(context, context->GetAttr("dy", &dy));
     OP_REQUIRES_OK(context, context->GetAttr("boundary", &name));
-    OP_REQUIRES_OK(context, context->GetAttr("rectify", &rectify));
-    OP_REQUIRES_OK(context, context->GetAttr("shared_initial", &shared_initial));
+    rectify = shared_initial = false;  // unless the op has these attrs
+    if (context->HasAttr("rectify")) {
+      OP_REQUIRES_OK(context, context->GetAttr("rectify", &rectify));
+    }
+    if (context->HasAttr("shared_initial")) {
+      OP_REQUIRES_OK(context, context->GetAttr("shared_initial", &shared_initial));
+    }
     boundary = name == "periodic" ? Boundary::kPeriodic
                : name == "neumann" ? Boundary::kNeumann : Boundary::kDirichlet;
     const double t = dt, x = dx, y = dy;
@@ -992,6 +997,7 @@ Geometry CheckNormalizeInputs(OpKernelContext* context, int count) {
   return Geometry(shape);
 }
 
+// The unit's channels of the per-channel scale (input 1) and shift (input 2).
 Affine GatherNormalization(OpKernelContext* context, const Geometry& g, const Unit& unit) {
   Affine affine;
   GatherChannels(context->input(1).flat<float>().data(), 1, g.channels, unit, &affine.scale);
@@ -1189,8 +1195,8 @@ void GatherTaps(const float* kernel, int64_t channels, int64_t maps, const Unit&
   }
 }
 
-// What both depth-wise ops start from: the input (0) and kernel (1), checked,
-// their geometry and data.
+// What the depth-wise ops start from: the input (0) and kernel (1) unless
+// given, checked, their geometry and data.
 struct DepthwiseProblem {
   const Tensor& input;
   const Tensor& kernel;
@@ -1200,8 +1206,9 @@ struct DepthwiseProblem {
   const float* w;
   int64_t padded_width;
 
-  DepthwiseProblem(OpKernelContext* context, int64_t maps)
-      : input(context->input(0)), kernel(context->input(1)), maps(maps),
+  DepthwiseProblem(OpKernelContext* context, int64_t maps, int input_index = 0,
+                   int kernel_index = 1)
+      : input(context->input(input_index)), kernel(context->input(kernel_index)), maps(maps),
         g(input.dims() == 4 ? input.shape() : TensorShape({0, 0, 0, 0})),
         x(input.flat<float>().data()), w(kernel.flat<float>().data()),
         padded_width(g.width + 2) {
@@ -1433,6 +1440,122 @@ class DepthwiseGradOp : public OpKernel {
   WorkspacePool<Workspace> workspaces_;
 };
 
+// ---------------------------------------------------------------------------
+// The whole Global layer in inference mode, one op: per unit, the depth-wise
+// maps (normalised and rectified as the solver reads them), the K steps and
+// the output batch norm + ReLU, with the maps and H^K only in unit-local
+// buffers. A batch-1 call is then one op instead of three, and no map is
+// written to or read back from memory. scale and shift are (5, channels):
+// rows 0-3 normalise D_x, D_y, u, v, row 4 is the output batch norm. Its
+// gradient recomputes the three-op path (fused_solver.py).
+// ---------------------------------------------------------------------------
+
+class GlobalInferenceOp : public OpKernel {
+ public:
+  explicit GlobalInferenceOp(OpKernelConstruction* context) : OpKernel(context) {
+    settings_.Init(context);
+    settings_.rectify = true;
+    OP_REQUIRES_OK(context, context->GetAttr("maps", &maps_));
+    OP_REQUIRES(context, maps_.size() == 4,
+                InvalidArgument("PdeKerasGlobalInference: maps must name 4 kernel maps"));
+  }
+
+  void Compute(OpKernelContext* context) override {
+    const DepthwiseProblem problem(context, context->input(2).dims() == 4
+                                                ? context->input(2).dim_size(3) : 0, 1, 2);
+    if (!context->status().ok()) return;
+    const Geometry& g = problem.g;
+    for (int map : maps_) {
+      OP_REQUIRES(context, map >= 0 && map < problem.maps,
+                  InvalidArgument("PdeKerasGlobalInference: map ", map, " of ", problem.maps));
+    }
+    OP_REQUIRES(context, context->input(0).shape() == problem.input.shape(),
+                InvalidArgument("PdeKerasGlobalInference: source and initial differ in shape"));
+    for (int i : {3, 4}) {
+      OP_REQUIRES(context, context->input(i).shape() == TensorShape({5, g.channels}),
+                  InvalidArgument("PdeKerasGlobalInference: input ", i, " must be shaped (5, ",
+                                  g.channels, ")"));
+    }
+    Tensor* output = nullptr;
+    OP_REQUIRES_OK(context, context->allocate_output(0, problem.input.shape(), &output));
+    if (problem.empty()) return;
+    const float* source = context->input(0).flat<float>().data();
+    const float* scale = context->input(3).flat<float>().data();
+    const float* shift = context->input(4).flat<float>().data();
+    float* out = output->flat<float>().data();
+    const Grid grid(g.height, g.width);
+    // Each unit runs on a one-image, one-block geometry of its own buffers.
+    const Geometry local(TensorShape({1, g.height, g.width, kLanes}));
+    const Unit local_unit = {0, 0, kLanes};
+    const int64_t cost = g.cells * (10 + 4 * problem.maps + 5 * settings_.steps);
+    ForEachUnit(context, g, cost, workspaces_, [&](const Unit& unit, Workspace& w) {
+      w.source.resize(g.cells), w.initial.resize(g.cells), w.solution.resize(g.cells);
+      for (Plane& map : w.maps) map.resize(g.cells);
+      GatherPadded(g, problem.x, unit, w.padded);
+      GatherTaps(problem.w, g.channels, problem.maps, unit, w.taps);
+      const int64_t padded_width = problem.padded_width;
+      for (int64_t i = 0; i < g.height; ++i) {
+        std::copy_n(&w.padded[(i + 1) * padded_width + 1], g.width, &w.initial[i * g.width]);
+      }
+      const bool shared = settings_.shared_initial;
+      if (!shared) {
+        const float* base = g.Base(source, unit);
+        for (int64_t p = 0; p < g.cells; ++p) {
+          w.source[p] = unit.block == kLanes ? Load<true>(base + p * g.channels, kLanes)
+                                             : Load<false>(base + p * g.channels, unit.block);
+        }
+      }
+      for (int r = 0; r < 4; ++r) {
+        const Lanes* t = &w.taps[maps_[r] * 9];
+        Lanes* map = w.maps[r].data();
+        for (int64_t i = 0; i < g.height; ++i) {
+          const Lanes* row0 = &w.padded[i * padded_width];
+          const Lanes* row1 = row0 + padded_width;
+          const Lanes* row2 = row1 + padded_width;
+          for (int64_t j = 0; j < g.width; ++j) {
+            map[i * g.width + j] = row0[j] * t[0] + row0[j + 1] * t[1] + row0[j + 2] * t[2] +
+                                   row1[j] * t[3] + row1[j + 1] * t[4] + row1[j + 2] * t[5] +
+                                   row2[j] * t[6] + row2[j + 1] * t[7] + row2[j + 2] * t[8];
+          }
+        }
+      }
+      auto as_floats = [](const Plane& plane) {
+        return reinterpret_cast<const float*>(plane.data());
+      };
+      const float* f = as_floats(shared ? w.initial : w.source);
+      const float* inputs[6] = {f, as_floats(w.initial), as_floats(w.maps[0]),
+                                as_floats(w.maps[1]), as_floats(w.maps[2]), as_floats(w.maps[3])};
+      Affine affine[5];  // the maps' normalisations, then the output's
+      GatherAffine(scale, shift, g.channels, unit, affine);
+      GatherChannels(scale + 4 * g.channels, 1, g.channels, unit, &affine[4].scale);
+      GatherChannels(shift + 4 * g.channels, 1, g.channels, unit, &affine[4].shift);
+      w.forward.Run<true>(local, grid, local_unit, settings_, inputs, affine,
+                          reinterpret_cast<float*>(w.solution.data()));
+      const Affine output_norm = affine[4];
+      float* target = g.Base(out, unit);
+      for (int64_t p = 0; p < g.cells; ++p) {
+        const Lanes z = w.solution[p] * output_norm.scale + output_norm.shift;
+        if (unit.block == kLanes) {
+          Store<true>(z > 0.0f ? z : kZero, target + p * g.channels, kLanes);
+        } else {
+          Store<false>(z > 0.0f ? z : kZero, target + p * g.channels, unit.block);
+        }
+      }
+    });
+  }
+
+ private:
+  struct Workspace {
+    Plane padded, source, initial, solution, maps[4];
+    std::vector<Lanes> taps;
+    Forward forward;
+  };
+
+  Settings settings_;
+  std::vector<int> maps_;
+  WorkspacePool<Workspace> workspaces_;
+};
+
 }  // namespace
 
 REGISTER_OP("PdeKerasSolve")
@@ -1585,6 +1708,27 @@ REGISTER_OP("PdeKerasNormalization")
 
 REGISTER_KERNEL_BUILDER(Name("PdeKerasNormalization").Device(::tensorflow::DEVICE_CPU),
                         NormalizationOp);
+REGISTER_OP("PdeKerasGlobalInference")
+    .Input("source: float")
+    .Input("initial: float")
+    .Input("kernel: float")
+    .Input("scale: float")
+    .Input("shift: float")
+    .Output("output: float")
+    .Attr("steps: int >= 1")
+    .Attr("dt: float")
+    .Attr("dx: float")
+    .Attr("dy: float")
+    .Attr("boundary: {'periodic', 'neumann', 'dirichlet'}")
+    .Attr("maps: list(int)")
+    .Attr("shared_initial: bool = false")
+    .SetShapeFn([](::tensorflow::shape_inference::InferenceContext* c) {
+      c->set_output(0, c->input(1));
+      return ::tensorflow::OkStatus();
+    });
+
+REGISTER_KERNEL_BUILDER(Name("PdeKerasGlobalInference").Device(::tensorflow::DEVICE_CPU),
+                        GlobalInferenceOp);
 REGISTER_KERNEL_BUILDER(Name("PdeKerasDepthwiseMaps").Device(::tensorflow::DEVICE_CPU),
                         DepthwiseOp);
 REGISTER_KERNEL_BUILDER(Name("PdeKerasDepthwiseMapsGrad").Device(::tensorflow::DEVICE_CPU),

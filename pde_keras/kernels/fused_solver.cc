@@ -1171,6 +1171,16 @@ class NormalizationOp : public OpKernel {
 // reshape or split of a fused tensor in between).
 // ---------------------------------------------------------------------------
 
+// The 3x3 window of a zero-bordered plane at (i, j) (`row0`: row i of the
+// padded plane, i.e. the window's top row) times the taps t[a * 3 + b].
+inline Lanes Convolve3x3(const Lanes* row0, int64_t padded_width, int64_t j, const Lanes t[9]) {
+  const Lanes* row1 = row0 + padded_width;
+  const Lanes* row2 = row1 + padded_width;
+  return row0[j] * t[0] + row0[j + 1] * t[1] + row0[j + 2] * t[2] + row1[j] * t[3] +
+         row1[j + 1] * t[4] + row1[j + 2] * t[5] + row2[j] * t[6] + row2[j + 1] * t[7] +
+         row2[j + 2] * t[8];
+}
+
 // A unit's channels of an NHWC tensor with a zero border: (height + 2) x (width + 2).
 void GatherPadded(const Geometry& g, const float* tensor, const Unit& unit, Plane& padded) {
   const Grid grid(g.height, g.width);
@@ -1292,14 +1302,10 @@ class DepthwiseOp : public OpKernel {
       Doubles sum = {}, squares = {};
       for (int64_t i = 0; i < g.height; ++i) {
         const Lanes* row0 = &padded[i * padded_width];
-        const Lanes* row1 = row0 + padded_width;
-        const Lanes* row2 = row1 + padded_width;
         float* out_row = out + i * g.width * channels;
         Lanes row_sum = kZero, row_squares = kZero;
         for (int64_t j = 0; j < g.width; ++j) {
-          const Lanes value = row0[j] * t[0] + row0[j + 1] * t[1] + row0[j + 2] * t[2] +
-                              row1[j] * t[3] + row1[j + 1] * t[4] + row1[j + 2] * t[5] +
-                              row2[j] * t[6] + row2[j + 1] * t[7] + row2[j + 2] * t[8];
+          const Lanes value = Convolve3x3(row0, padded_width, j, t);
           Store<kFull>(value, out_row + j * channels, block);
           row_sum += value;
           row_squares += value * value;
@@ -1319,6 +1325,57 @@ class DepthwiseOp : public OpKernel {
 // the means and of the variances. A map's whole gradient is its own plus the
 // statistics' share, d mean / d map = 1 / N and d variance / d map =
 // 2 (map - mean) / N (N values per channel), with the map recomputed here.
+// One map's share of the depth-wise conv's gradient: `grad` (the input's,
+// unpadded cells) += the transposed conv of `padded_g` (the map's gradient,
+// zero border), and `sums` = the kernel's gradient, sum x[. + a - 1, . + b - 1] g.
+void DepthwiseBackward(int64_t height, int64_t width, const Lanes* padded_x,
+                       const Lanes* padded_g, const Lanes taps[9], Lanes* grad, Lanes sums[9]) {
+  const int64_t padded_width = width + 2;
+  Lanes t[9];  // a local copy: the stores below cannot alias it
+  std::copy(taps, taps + 9, t);
+  // Two loops, each with few enough live vectors to stay in registers.
+  for (int64_t i = 0; i < height; ++i) {
+    for (int64_t j = 0; j < width; ++j) {
+      // dx[i, j] = sum_{a, b} g[i - a + 1, j - b + 1] kernel[a, b] (padded: + 1).
+      const Lanes* g0 = &padded_g[i * padded_width + j];  // rows i - 1 .. i + 1
+      const Lanes* g1 = g0 + padded_width;
+      const Lanes* g2 = g1 + padded_width;
+      grad[i * width + j] += g2[2] * t[0] + g2[1] * t[1] + g2[0] * t[2] +
+                             g1[2] * t[3] + g1[1] * t[4] + g1[0] * t[5] +
+                             g0[2] * t[6] + g0[1] * t[7] + g0[0] * t[8];
+    }
+  }
+  Lanes s[9] = {};
+  for (int64_t i = 0; i < height; ++i) {
+    for (int64_t j = 0; j < width; ++j) {
+      // d kernel[a, b] += x[i + a - 1, j + b - 1] g[i, j].
+      const Lanes gij = padded_g[(i + 1) * padded_width + j + 1];
+      const Lanes* x0 = &padded_x[i * padded_width + j];
+      const Lanes* x1 = x0 + padded_width;
+      const Lanes* x2 = x1 + padded_width;
+      s[0] += x0[0] * gij, s[1] += x0[1] * gij, s[2] += x0[2] * gij;
+      s[3] += x1[0] * gij, s[4] += x1[1] * gij, s[5] += x1[2] * gij;
+      s[6] += x2[0] * gij, s[7] += x2[1] * gij, s[8] += x2[2] * gij;
+    }
+  }
+  std::copy(s, s + 9, sums);
+}
+
+// The kernel's gradient (3, 3, C, maps) from per-unit sums
+// (`partial[(unit * maps + k) * 9 + tap]`), added up in a fixed order.
+void WriteKernelGradient(const Geometry& g, const std::vector<Lanes>& partial, int64_t maps,
+                         float* dw) {
+  for (int64_t unit = 0; unit < g.units(); ++unit) {
+    const Unit u = g.unit(unit);
+    for (int64_t k = 0; k < maps; ++k) {
+      for (int64_t t = 0; t < 9; ++t) {
+        const Lanes& sum = partial[(unit * maps + k) * 9 + t];
+        for (int64_t l = 0; l < u.block; ++l) dw[(t * g.channels + u.channel + l) * maps + k] += sum[l];
+      }
+    }
+  }
+}
+
 class DepthwiseGradOp : public OpKernel {
  public:
   explicit DepthwiseGradOp(OpKernelConstruction* context) : OpKernel(context) {}
@@ -1373,63 +1430,23 @@ class DepthwiseGradOp : public OpKernel {
       }
       for (int64_t k = 0; k < maps; ++k) {
         GatherPadded(g, grads[k], unit, padded_g);
-        Lanes t[9];  // a local copy: the stores below cannot alias it
-        std::copy(&taps[k * 9], &taps[k * 9] + 9, t);
+        const Lanes* t = &taps[k * 9];
         if (statistics_used) {
           const Lanes a_k = a[k], b_k = b[k];
           for (int64_t i = 0; i < g.height; ++i) {
             const Lanes* x0 = &padded_x[i * padded_width];
-            const Lanes* x1 = x0 + padded_width;
-            const Lanes* x2 = x1 + padded_width;
             Lanes* g_row = &padded_g[(i + 1) * padded_width + 1];
             for (int64_t j = 0; j < g.width; ++j) {
-              const Lanes map = x0[j] * t[0] + x0[j + 1] * t[1] + x0[j + 2] * t[2] +
-                                x1[j] * t[3] + x1[j + 1] * t[4] + x1[j + 2] * t[5] +
-                                x2[j] * t[6] + x2[j + 1] * t[7] + x2[j + 2] * t[8];
-              g_row[j] += a_k + b_k * map;
+              g_row[j] += a_k + b_k * Convolve3x3(x0, padded_width, j, t);
             }
           }
         }
-        // Two loops, each with few enough live vectors to stay in registers.
-        for (int64_t i = 0; i < g.height; ++i) {
-          for (int64_t j = 0; j < g.width; ++j) {
-            // dx[i, j] = sum_{a, b} g[i - a + 1, j - b + 1] kernel[a, b] (padded: + 1).
-            const Lanes* g0 = &padded_g[i * padded_width + j];  // rows i - 1 .. i + 1
-            const Lanes* g1 = g0 + padded_width;
-            const Lanes* g2 = g1 + padded_width;
-            grad[i * g.width + j] += g2[2] * t[0] + g2[1] * t[1] + g2[0] * t[2] +
-                                     g1[2] * t[3] + g1[1] * t[4] + g1[0] * t[5] +
-                                     g0[2] * t[6] + g0[1] * t[7] + g0[0] * t[8];
-          }
-        }
-        Lanes sums[9] = {};
-        for (int64_t i = 0; i < g.height; ++i) {
-          for (int64_t j = 0; j < g.width; ++j) {
-            // d kernel[a, b] += x[i + a - 1, j + b - 1] g[i, j].
-            const Lanes gij = padded_g[(i + 1) * padded_width + j + 1];
-            const Lanes* x0 = &padded_x[i * padded_width + j];
-            const Lanes* x1 = x0 + padded_width;
-            const Lanes* x2 = x1 + padded_width;
-            sums[0] += x0[0] * gij, sums[1] += x0[1] * gij, sums[2] += x0[2] * gij;
-            sums[3] += x1[0] * gij, sums[4] += x1[1] * gij, sums[5] += x1[2] * gij;
-            sums[6] += x2[0] * gij, sums[7] += x2[1] * gij, sums[8] += x2[2] * gij;
-          }
-        }
-        std::copy(sums, sums + 9, unit_partial + k * 9);
+        DepthwiseBackward(g.height, g.width, padded_x.data(), padded_g.data(), t, grad.data(),
+                          unit_partial + k * 9);
       }
       g.Scatter(grad, unit, dx);
     });
-    for (int64_t unit = 0; unit < g.units(); ++unit) {
-      const Unit u = g.unit(unit);
-      for (int64_t k = 0; k < maps; ++k) {
-        for (int64_t t = 0; t < 9; ++t) {
-          const Lanes& sum = partial[(unit * maps + k) * 9 + t];
-          for (int64_t l = 0; l < u.block; ++l) {
-            dw[(t * g.channels + u.channel + l) * maps + k] += sum[l];
-          }
-        }
-      }
-    }
+    WriteKernelGradient(g, partial, maps, dw);
   }
 
  private:
@@ -1441,14 +1458,64 @@ class DepthwiseGradOp : public OpKernel {
 };
 
 // ---------------------------------------------------------------------------
-// The whole Global layer in inference mode, one op: per unit, the depth-wise
-// maps (normalised and rectified as the solver reads them), the K steps and
-// the output batch norm + ReLU, with the maps and H^K only in unit-local
-// buffers. A batch-1 call is then one op instead of three, and no map is
-// written to or read back from memory. scale and shift are (5, channels):
-// rows 0-3 normalise D_x, D_y, u, v, row 4 is the output batch norm. Its
+// The Global layer in inference mode as one op, PdeKerasGlobalInference:
+// per unit, the depth-wise maps (kernel map maps[r] for D_x, D_y, u, v),
+// computed from H^0, normalised and rectified as the solver reads them, the K
+// steps and the output batch norm + ReLU, with the maps and H^K only in
+// unit-local buffers: no map is written to or read back from memory, and a
+// batch-1 call is one op instead of three. scale and shift are (5, channels):
+// rows 0-3 normalise D_x, D_y, u, v, row 4 is the output's batch norm. Its
 // gradient recomputes the three-op path (fused_solver.py).
 // ---------------------------------------------------------------------------
+
+// A unit as a problem of its own: f, H^0 and the four maps (before their
+// normalisation) in unit-local buffers laid out as a one-image, one-block
+// NHWC tensor (kLocal), on which Forward and Backward run unchanged.
+struct LocalProblem {
+  static constexpr Unit kLocal = {0, 0, kLanes};
+  Plane padded, source, initial, maps[4];
+  std::vector<Lanes> taps;
+  const float* inputs[6];  // f, H^0, D_x, D_y, u, v
+
+  static Geometry Local(const Geometry& g) {
+    return Geometry(TensorShape({1, g.height, g.width, kLanes}));
+  }
+
+  void Prepare(const Geometry& g, const DepthwiseProblem& problem, const Unit& unit,
+               const float* source_tensor, bool shared, const std::vector<int>& map_of) {
+    source.resize(g.cells), initial.resize(g.cells);
+    GatherPadded(g, problem.x, unit, padded);
+    GatherTaps(problem.w, g.channels, problem.maps, unit, taps);
+    const int64_t padded_width = problem.padded_width;
+    for (int64_t i = 0; i < g.height; ++i) {
+      std::copy_n(&padded[(i + 1) * padded_width + 1], g.width, &initial[i * g.width]);
+    }
+    if (!shared) {
+      const float* base = g.Base(source_tensor, unit);
+      for (int64_t p = 0; p < g.cells; ++p) {
+        source[p] = unit.block == kLanes ? Load<true>(base + p * g.channels, kLanes)
+                                         : Load<false>(base + p * g.channels, unit.block);
+      }
+    }
+    for (int r = 0; r < 4; ++r) {
+      maps[r].resize(g.cells);
+      const Lanes* t = &taps[map_of[r] * 9];
+      for (int64_t i = 0; i < g.height; ++i) {
+        for (int64_t j = 0; j < g.width; ++j) {
+          maps[r][i * g.width + j] = Convolve3x3(&padded[i * padded_width], padded_width, j, t);
+        }
+      }
+    }
+    inputs[0] = Floats(shared ? initial : source);
+    inputs[1] = Floats(initial);
+    for (int r = 0; r < 4; ++r) inputs[2 + r] = Floats(maps[r]);
+  }
+
+  static const float* Floats(const Plane& plane) {
+    return reinterpret_cast<const float*>(plane.data());
+  }
+  static float* Floats(Plane& plane) { return reinterpret_cast<float*>(plane.data()); }
+};
 
 class GlobalInferenceOp : public OpKernel {
  public:
@@ -1457,25 +1524,39 @@ class GlobalInferenceOp : public OpKernel {
     settings_.rectify = true;
     OP_REQUIRES_OK(context, context->GetAttr("maps", &maps_));
     OP_REQUIRES(context, maps_.size() == 4,
-                InvalidArgument("PdeKerasGlobalInference: maps must name 4 kernel maps"));
+                InvalidArgument(name(), ": maps must name 4 kernel maps"));
   }
 
+ private:
+  // The inputs checked: source 0, initial 1, kernel 2, scale 3 and shift 4
+  // with `rows` rows.
+  DepthwiseProblem Check(OpKernelContext* context, int64_t rows) {
+    DepthwiseProblem problem(context, context->input(2).dims() == 4
+                                          ? context->input(2).dim_size(3) : 0, 1, 2);
+    if (!context->status().ok()) return problem;
+    auto fail = [&](auto... message) {
+      context->CtxFailure(InvalidArgument(name(), ": ", message...));
+    };
+    for (int map : maps_) {
+      if (map < 0 || map >= problem.maps) return fail("map ", map, " of ", problem.maps), problem;
+    }
+    if (context->input(0).shape() != problem.input.shape()) {
+      return fail("source and initial differ in shape"), problem;
+    }
+    for (int i : {3, 4}) {
+      if (context->input(i).shape() != TensorShape({rows, problem.g.channels})) {
+        return fail("input ", i, " must be shaped (", rows, ", ", problem.g.channels, ")"),
+               problem;
+      }
+    }
+    return problem;
+  }
+
+ public:
   void Compute(OpKernelContext* context) override {
-    const DepthwiseProblem problem(context, context->input(2).dims() == 4
-                                                ? context->input(2).dim_size(3) : 0, 1, 2);
+    const DepthwiseProblem problem = Check(context, 5);
     if (!context->status().ok()) return;
     const Geometry& g = problem.g;
-    for (int map : maps_) {
-      OP_REQUIRES(context, map >= 0 && map < problem.maps,
-                  InvalidArgument("PdeKerasGlobalInference: map ", map, " of ", problem.maps));
-    }
-    OP_REQUIRES(context, context->input(0).shape() == problem.input.shape(),
-                InvalidArgument("PdeKerasGlobalInference: source and initial differ in shape"));
-    for (int i : {3, 4}) {
-      OP_REQUIRES(context, context->input(i).shape() == TensorShape({5, g.channels}),
-                  InvalidArgument("PdeKerasGlobalInference: input ", i, " must be shaped (5, ",
-                                  g.channels, ")"));
-    }
     Tensor* output = nullptr;
     OP_REQUIRES_OK(context, context->allocate_output(0, problem.input.shape(), &output));
     if (problem.empty()) return;
@@ -1484,73 +1565,32 @@ class GlobalInferenceOp : public OpKernel {
     const float* shift = context->input(4).flat<float>().data();
     float* out = output->flat<float>().data();
     const Grid grid(g.height, g.width);
-    // Each unit runs on a one-image, one-block geometry of its own buffers.
-    const Geometry local(TensorShape({1, g.height, g.width, kLanes}));
-    const Unit local_unit = {0, 0, kLanes};
+    const Geometry local = LocalProblem::Local(g);
     const int64_t cost = g.cells * (10 + 4 * problem.maps + 5 * settings_.steps);
     ForEachUnit(context, g, cost, workspaces_, [&](const Unit& unit, Workspace& w) {
-      w.source.resize(g.cells), w.initial.resize(g.cells), w.solution.resize(g.cells);
-      for (Plane& map : w.maps) map.resize(g.cells);
-      GatherPadded(g, problem.x, unit, w.padded);
-      GatherTaps(problem.w, g.channels, problem.maps, unit, w.taps);
-      const int64_t padded_width = problem.padded_width;
-      for (int64_t i = 0; i < g.height; ++i) {
-        std::copy_n(&w.padded[(i + 1) * padded_width + 1], g.width, &w.initial[i * g.width]);
-      }
-      const bool shared = settings_.shared_initial;
-      if (!shared) {
-        const float* base = g.Base(source, unit);
-        for (int64_t p = 0; p < g.cells; ++p) {
-          w.source[p] = unit.block == kLanes ? Load<true>(base + p * g.channels, kLanes)
-                                             : Load<false>(base + p * g.channels, unit.block);
-        }
-      }
-      for (int r = 0; r < 4; ++r) {
-        const Lanes* t = &w.taps[maps_[r] * 9];
-        Lanes* map = w.maps[r].data();
-        for (int64_t i = 0; i < g.height; ++i) {
-          const Lanes* row0 = &w.padded[i * padded_width];
-          const Lanes* row1 = row0 + padded_width;
-          const Lanes* row2 = row1 + padded_width;
-          for (int64_t j = 0; j < g.width; ++j) {
-            map[i * g.width + j] = row0[j] * t[0] + row0[j + 1] * t[1] + row0[j + 2] * t[2] +
-                                   row1[j] * t[3] + row1[j + 1] * t[4] + row1[j + 2] * t[5] +
-                                   row2[j] * t[6] + row2[j + 1] * t[7] + row2[j + 2] * t[8];
-          }
-        }
-      }
-      auto as_floats = [](const Plane& plane) {
-        return reinterpret_cast<const float*>(plane.data());
-      };
-      const float* f = as_floats(shared ? w.initial : w.source);
-      const float* inputs[6] = {f, as_floats(w.initial), as_floats(w.maps[0]),
-                                as_floats(w.maps[1]), as_floats(w.maps[2]), as_floats(w.maps[3])};
+      w.problem.Prepare(g, problem, unit, source, settings_.shared_initial, maps_);
+      w.solution.resize(g.cells);
       Affine affine[5];  // the maps' normalisations, then the output's
       GatherAffine(scale, shift, g.channels, unit, affine);
       GatherChannels(scale + 4 * g.channels, 1, g.channels, unit, &affine[4].scale);
       GatherChannels(shift + 4 * g.channels, 1, g.channels, unit, &affine[4].shift);
-      w.forward.Run<true>(local, grid, local_unit, settings_, inputs, affine,
-                          reinterpret_cast<float*>(w.solution.data()));
+      w.forward.Run<true>(local, grid, LocalProblem::kLocal, settings_, w.problem.inputs, affine,
+                          LocalProblem::Floats(w.solution));
       const Affine output_norm = affine[4];
-      float* target = g.Base(out, unit);
-      for (int64_t p = 0; p < g.cells; ++p) {
-        const Lanes z = w.solution[p] * output_norm.scale + output_norm.shift;
-        if (unit.block == kLanes) {
-          Store<true>(z > 0.0f ? z : kZero, target + p * g.channels, kLanes);
-        } else {
-          Store<false>(z > 0.0f ? z : kZero, target + p * g.channels, unit.block);
-        }
+      for (Lanes& value : w.solution) {
+        const Lanes z = value * output_norm.scale + output_norm.shift;
+        value = z > 0.0f ? z : kZero;
       }
+      g.Scatter(w.solution, unit, out);
     });
   }
 
  private:
   struct Workspace {
-    Plane padded, source, initial, solution, maps[4];
-    std::vector<Lanes> taps;
+    LocalProblem problem;
+    Plane solution;
     Forward forward;
   };
-
   Settings settings_;
   std::vector<int> maps_;
   WorkspacePool<Workspace> workspaces_;

@@ -822,10 +822,10 @@ class WorkspacePool {
 // Runs `work(unit, workspace)` for every unit on TensorFlow's CPU thread
 // pool; each shard (a range of units on one thread) takes a Workspace from
 // `pool`, whose buffers the shard's units reuse. `cost_per_unit` is in CPU
-// cycles, measured (one thread, this machine's AVX2 build): the pool splits
-// the work only where the total outweighs its ~1e5-cycle start-up cost per
-// thread, so a batch-1 call runs on one thread (waking a second one would
-// take longer than the work).
+// cycles per unit, from one-thread timings of each op on (1, 32, 32, 16)
+// inputs in cache (AVX2 build, 2.8 GHz Xeon; TensorFlow's per-op overhead
+// included): the pool splits the work only where the total outweighs its
+// ~1e5-cycle start-up cost per thread, so small calls stay on one thread.
 template <typename Workspace, typename Work>
 void ForEachUnit(OpKernelContext* context, const Geometry& g, int64_t cost_per_unit,
                  WorkspacePool<Workspace>& workspaces, Work work) {
@@ -863,7 +863,7 @@ class SolveOp : public OpKernel {
     for (int i = 0; i < 8; ++i) inputs[i] = context->input(i).flat<float>().data();
     float* out = output->flat<float>().data();
     const Grid grid(g.height, g.width);
-    const int64_t cost = g.cells * (10 + 5 * settings_.steps);
+    const int64_t cost = g.cells * (36 + 21 * settings_.steps);
     std::vector<Doubles> partial(g.units() * 2);  // H^K's moments per unit
     ForEachUnit(context, g, cost, workspaces_, [&](const Unit& unit, Forward& forward) {
       Affine affine[4];
@@ -924,7 +924,7 @@ class SolveGradOp : public OpKernel {
         g, 1, context->input(8).flat<float>().data(), context->input(10).flat<float>().data(),
         context->input(11).flat<float>().data(), share_a, share_b);
     const Grid grid(g.height, g.width);
-    const int64_t cost = g.cells * (15 + 28 * settings_.steps);
+    const int64_t cost = g.cells * (130 + 69 * settings_.steps);
     // Per unit, the normalisations' sums (Backward::normalization).
     std::vector<Doubles> partial(settings_.rectify ? g.units() * 8 : 0);
     ForEachUnit(context, g, cost, workspaces_,
@@ -1019,7 +1019,7 @@ class NormalizeReluOp : public OpKernel {
     if (g.units() == 0 || g.cells == 0) return;
     const float* x = context->input(0).flat<float>().data();
     float* y = output->flat<float>().data();
-    ForEachUnit(context, g, g.cells * 2, workspaces_,
+    ForEachUnit(context, g, g.cells * 7, workspaces_,
                 [&](const Unit& unit, NoWorkspace&) {
       const Affine a = GatherNormalization(context, g, unit);
       unit.block == kLanes ? Run<true>(g, unit, a, x, y) : Run<false>(g, unit, a, x, y);
@@ -1060,7 +1060,7 @@ class NormalizeReluGradOp : public OpKernel {
     const float* x = context->input(0).flat<float>().data();
     const float* dy = context->input(3).flat<float>().data();
     std::vector<Doubles> partial(g.units() * 2);  // per unit: dL/dshift, dL/dscale
-    ForEachUnit(context, g, g.cells * 5, workspaces_,
+    ForEachUnit(context, g, g.cells * 15, workspaces_,
                 [&](const Unit& unit, NoWorkspace&) {
       const Affine a = GatherNormalization(context, g, unit);
       Doubles* sums = &partial[(unit.image * g.blocks + unit.channel / kLanes) * 2];
@@ -1267,7 +1267,7 @@ class DepthwiseOp : public OpKernel {
     }
     // Per unit and map: the sum and the sum of squares.
     std::vector<Doubles> partial(g.units() * 2 * maps);
-    ForEachUnit(context, g, g.cells * 4 * maps, workspaces_,
+    ForEachUnit(context, g, g.cells * 15 * maps, workspaces_,
                 [&](const Unit& unit, Workspace& workspace) {
       Doubles* moments = &partial[(unit.image * g.blocks + unit.channel / kLanes) * 2 * maps];
       if (unit.block == kLanes) {
@@ -1416,7 +1416,7 @@ class DepthwiseGradOp : public OpKernel {
     // The kernel's gradient sums over the batch: one partial sum per unit,
     // added up in a fixed order afterwards (deterministic, no locks).
     std::vector<Lanes> partial(g.units() * 9 * maps, kZero);
-    ForEachUnit(context, g, g.cells * 8 * maps, workspaces_,
+    ForEachUnit(context, g, g.cells * 22 * maps, workspaces_,
                 [&](const Unit& unit, Workspace& workspace) {
       auto& [padded_x, padded_g, grad, taps, a, b] = workspace;
       GatherPadded(g, problem.x, unit, padded_x);
@@ -1566,7 +1566,7 @@ class GlobalInferenceOp : public OpKernel {
     float* out = output->flat<float>().data();
     const Grid grid(g.height, g.width);
     const Geometry local = LocalProblem::Local(g);
-    const int64_t cost = g.cells * (10 + 4 * problem.maps + 5 * settings_.steps);
+    const int64_t cost = g.cells * (35 + 15 * problem.maps + 22 * settings_.steps);
     ForEachUnit(context, g, cost, workspaces_, [&](const Unit& unit, Workspace& w) {
       w.problem.Prepare(g, problem, unit, source, settings_.shared_initial, maps_);
       w.solution.resize(g.cells);

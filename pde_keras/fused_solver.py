@@ -2,11 +2,14 @@
 
 `pde_keras/kernels/fused_solver.cc` runs the K solver steps of
 `pde_keras.solver` as one TensorFlow op, coefficient maps included, with a
-hand-written backward op (the adjoint recurrence); a second op computes the
-Global layer's depth-wise coefficient convolution, one output per map. It is built from source
-on first use with the installed TensorFlow's compile and link flags, cached
-per TensorFlow version and source hash, and loaded with
-`tf.load_op_library`. The keras.ops solver stays the reference: it runs on
+hand-written backward op (the adjoint recurrence); the other ops serve the
+Global layer: its depth-wise coefficient convolution (one output per map,
+with their batch statistics), its batch norms as per-channel (scale, shift)
+(`normalization`), which the solver applies to the maps as it reads them,
+the output batch norm + ReLU in one pass (`normalize_relu`), and the whole
+layer in inference mode (`global_inference`). It is built from source on
+first use with the installed TensorFlow's compile and link flags, cached per
+TensorFlow version and source hash, and loaded with `tf.load_op_library`. The keras.ops solver stays the reference: it runs on
 JAX, for dtypes other than float32, under XLA, and whenever the kernel
 cannot be built (one log line says why).
 

@@ -94,14 +94,19 @@ class GlobalLayer(HasLayerOptions, keras.layers.Layer):
     and the solver in float32: the K steps accumulate products of
     coefficient maps, which float16 resolves too coarsely.
 
-    On TensorFlow on CPU, float32 layers run a compiled kernel (built from
-    source on first use, see `pde_keras.fused_solver`): the K solver steps
-    with their coefficient maps and the depth-wise coefficient conv, with
-    hand-written gradients, and the batch norms in training mode as
-    TensorFlow's fused batch norm. It computes what the keras.ops code
-    computes (the reference, and the only path on JAX). The environment
-    variable `PDE_KERAS_SOLVER=auto|compiled|reference` chooses the path at
-    run time; weights, config and `.keras` files are the same on both.
+    On TensorFlow on CPU, float32 layers run compiled kernels (built from
+    source on first use, see `pde_keras.fused_solver`), with hand-written
+    gradients: the depth-wise coefficient conv, which also sums the maps'
+    batch statistics; the K solver steps, which normalise and rectify the
+    maps as they read them (the four coefficient batch norms, no pass of
+    their own) and sum H^K's statistics; one pass for the output batch norm
+    + ReLU; in inference mode, with every map depth-wise, the whole layer as
+    one op. Other batch norms in training run as TensorFlow's fused batch
+    norm. It computes what the keras.ops code computes (the reference, and
+    the only path on JAX); the moving averages are updated as Keras does.
+    The environment variable `PDE_KERAS_SOLVER=auto|compiled|reference`
+    chooses the path at run time; weights, config and `.keras` files are the
+    same on both.
 
     Input shape:
         4D tensor `(batch, height, width, channels)`.

@@ -9,7 +9,8 @@ with their batch statistics), its batch norms as per-channel (scale, shift)
 the output batch norm + ReLU in one pass (`normalize_relu`), and the whole
 layer in inference mode (`global_inference`). It is built from source on
 first use with the installed TensorFlow's compile and link flags, cached per
-TensorFlow version and source hash, and loaded with `tf.load_op_library`. The keras.ops solver stays the reference: it runs on
+TensorFlow version and source hash, and loaded with `tf.load_op_library`.
+The keras.ops solver stays the reference: it runs on
 JAX, for dtypes other than float32, under XLA, and whenever the kernel
 cannot be built (one log line says why).
 
@@ -314,10 +315,7 @@ def normalization(norms, statistics=None, rows=None):
         mean, variance = (list(value) if isinstance(value, (list, tuple)) else tf.unstack(value)
                           for value in statistics)
         for norm, map_mean, map_variance in zip(norms, mean, variance):
-            momentum = norm.momentum
-            norm.moving_mean.assign(norm.moving_mean * momentum + map_mean * (1.0 - momentum))
-            norm.moving_variance.assign(
-                norm.moving_variance * momentum + map_variance * (1.0 - momentum))
+            _update_moving_averages(norm, map_mean, map_variance)
     return library().pde_keras_normalization(
         [norm.gamma for norm in norms], [norm.beta for norm in norms], mean, variance,
         epsilon=[float(norm.epsilon) for norm in norms], rows=rows)
@@ -347,10 +345,16 @@ def batch_normalization_training(layer, inputs):
     # The kernel reports the Bessel-corrected variance; Keras averages the biased one.
     count = tf.cast(tf.size(inputs) // tf.shape(inputs)[-1], "float32")
     variance = unbiased_variance * ((count - 1.0) / count)
-    momentum = layer.momentum
-    layer.moving_mean.assign(layer.moving_mean * momentum + mean * (1.0 - momentum))
-    layer.moving_variance.assign(layer.moving_variance * momentum + variance * (1.0 - momentum))
+    _update_moving_averages(layer, mean, variance)
     return outputs
+
+
+def _update_moving_averages(norm, mean, variance):
+    """A Keras BatchNormalization's moving-average update with batch
+    statistics `mean` and (biased) `variance`, as its own call makes it."""
+    momentum = norm.momentum
+    norm.moving_mean.assign(norm.moving_mean * momentum + mean * (1.0 - momentum))
+    norm.moving_variance.assign(norm.moving_variance * momentum + variance * (1.0 - momentum))
 
 
 def solve(source, initial, diffusivity, velocity, steps, dt, dx, dy, boundary, rectify=False,

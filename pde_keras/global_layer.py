@@ -14,7 +14,7 @@ INITS = ("identity", "residual")
 # Maps predicted by sub-layers, and which option decides each one's branch.
 _VELOCITY_MAPS = ("u", "v")
 _DIFFUSIVITY_MAPS = ("Dx", "Dy")
-# The solver's order of the four maps (its `coefficient_normalization` rows).
+# The solver's order of the four maps (the rows of its `normalization`).
 _SOLVER_MAPS = ("Dx", "Dy", "u", "v")
 # coefficient_epsilon's default: the authors' epsilon, the channel count.
 CHANNELS = "channels"
@@ -268,7 +268,7 @@ class GlobalLayer(HasLayerOptions, keras.layers.Layer):
         if training is True:  # batch statistics, unless a frozen norm uses its averages
             norms = [self.output_bn] + [self.branches[name][0] for name in self.depthwise_maps]
             return all(norm.trainable for norm in norms)
-        return training in (None, False)
+        return training is None or training is False  # (not a symbolic flag)
 
     def _coefficients(self, initial, training):
         """Returns (maps, pre_activation, normalization): D_x, D_y, u, v from H^0.
@@ -276,8 +276,8 @@ class GlobalLayer(HasLayerOptions, keras.layers.Layer):
         Learned maps are float32 tensors; constant ones are python floats.
         `pre_activation` holds the learned maps before their ReLU, as the
         solver takes them. `normalization` is None, or on the fused path
-        `(scale, shift)` (the solver's `coefficient_normalization`): then the
-        depth-wise maps in `pre_activation` are before their batch norm too.
+        `(scale, shift)` for `fused_solver.solve`: then the depth-wise maps in
+        `pre_activation` are before their batch norm too.
         """
         maps, pre_activation, normalization = {}, {}, None
         if self._fused_norms(initial, training):
@@ -383,7 +383,7 @@ class GlobalLayer(HasLayerOptions, keras.layers.Layer):
             self.build(tuple(inputs.shape))
         output, initial, solution, maps, pre_activation, normalization = self._run(
             inputs, training, inspect=True)
-        if normalization is not None:  # the compiled path's maps, before their batch norms
+        if normalization is not None:  # the fused path's maps, normalised as the solver did
             scale, shift = normalization
             for m, name in enumerate(_SOLVER_MAPS):
                 if name in self.depthwise_maps:

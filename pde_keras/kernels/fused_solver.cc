@@ -61,7 +61,13 @@ using ::tensorflow::OpKernelConstruction;
 using ::tensorflow::OpKernelContext;
 using ::tensorflow::Tensor;
 using ::tensorflow::TensorShape;
-using ::tensorflow::errors::InvalidArgument;
+
+// An InvalidArgument status with its parts concatenated (TensorFlow's own
+// errors::InvalidArgument is deprecated for this).
+template <typename... Parts>
+absl::Status InvalidArgument(const Parts&... parts) {
+  return absl::InvalidArgumentError(absl::StrCat(parts...));
+}
 
 // Channels per work unit: one GCC vector of kLanes floats per cell, so every
 // channel loop is a vector operation (AVX: one instruction, SSE: two); few
@@ -830,6 +836,8 @@ template <typename Workspace, typename Work>
 void ForEachUnit(OpKernelContext* context, const Geometry& g, int64_t cost_per_unit,
                  WorkspacePool<Workspace>& workspaces, Work work) {
   auto* pool = context->device()->tensorflow_cpu_worker_threads()->workers;
+  // (This overload is deprecated in TensorFlow 2.21 in favour of
+  // SchedulingParams::Adaptive, which older versions lack; it does the same.)
   pool->ParallelFor(g.units(), cost_per_unit, [&](int64_t begin, int64_t end) {
     std::unique_ptr<Workspace> workspace = workspaces.Acquire();
     for (int64_t i = begin; i < end; ++i) work(g.unit(i), *workspace);
@@ -1623,7 +1631,7 @@ REGISTER_OP("PdeKerasSolve")
       c->set_output(0, input);
       c->set_output(1, c->Vector(c->Dim(input, 3)));
       c->set_output(2, c->Vector(c->Dim(input, 3)));
-      return ::tensorflow::OkStatus();
+      return absl::OkStatus();
     });
 
 REGISTER_OP("PdeKerasSolveGrad")
@@ -1661,7 +1669,7 @@ REGISTER_OP("PdeKerasSolveGrad")
       if (shared_initial) c->set_output(1, c->MakeShape({0}));
       c->set_output(6, c->input(6));
       c->set_output(7, c->input(7));
-      return ::tensorflow::OkStatus();
+      return absl::OkStatus();
     });
 
 REGISTER_OP("PdeKerasDepthwiseMaps")
@@ -1680,7 +1688,7 @@ REGISTER_OP("PdeKerasDepthwiseMaps")
       const auto statistics = c->Matrix(count, c->Dim(input, 3));
       c->set_output(count, statistics);
       c->set_output(count + 1, statistics);
-      return ::tensorflow::OkStatus();
+      return absl::OkStatus();
     });
 
 REGISTER_OP("PdeKerasDepthwiseMapsGrad")
@@ -1696,7 +1704,7 @@ REGISTER_OP("PdeKerasDepthwiseMapsGrad")
     .SetShapeFn([](::tensorflow::shape_inference::InferenceContext* c) {
       c->set_output(0, c->input(0));
       c->set_output(1, c->input(1));
-      return ::tensorflow::OkStatus();
+      return absl::OkStatus();
     });
 
 REGISTER_OP("PdeKerasNormalizeRelu")
@@ -1706,7 +1714,7 @@ REGISTER_OP("PdeKerasNormalizeRelu")
     .Output("y: float")
     .SetShapeFn([](::tensorflow::shape_inference::InferenceContext* c) {
       c->set_output(0, c->input(0));
-      return ::tensorflow::OkStatus();
+      return absl::OkStatus();
     });
 
 REGISTER_OP("PdeKerasNormalizeReluGrad")
@@ -1719,7 +1727,7 @@ REGISTER_OP("PdeKerasNormalizeReluGrad")
     .Output("grad_shift: float")
     .SetShapeFn([](::tensorflow::shape_inference::InferenceContext* c) {
       for (int i = 0; i < 3; ++i) c->set_output(i, c->input(i));
-      return ::tensorflow::OkStatus();
+      return absl::OkStatus();
     });
 
 REGISTER_KERNEL_BUILDER(Name("PdeKerasNormalizeRelu").Device(::tensorflow::DEVICE_CPU),
@@ -1743,7 +1751,7 @@ REGISTER_OP("PdeKerasNormalization")
           c->Matrix(static_cast<int64_t>(rows.size()), c->NumElements(c->input(0)));
       c->set_output(0, shape);
       c->set_output(1, shape);
-      return ::tensorflow::OkStatus();
+      return absl::OkStatus();
     });
 
 REGISTER_KERNEL_BUILDER(Name("PdeKerasNormalization").Device(::tensorflow::DEVICE_CPU),
@@ -1764,7 +1772,7 @@ REGISTER_OP("PdeKerasGlobalInference")
     .Attr("shared_initial: bool = false")
     .SetShapeFn([](::tensorflow::shape_inference::InferenceContext* c) {
       c->set_output(0, c->input(1));
-      return ::tensorflow::OkStatus();
+      return absl::OkStatus();
     });
 
 REGISTER_KERNEL_BUILDER(Name("PdeKerasGlobalInference").Device(::tensorflow::DEVICE_CPU),

@@ -11,9 +11,10 @@ per solver path (`PDE_KERAS_SOLVER`: the compiled kernel and the keras.ops
 reference on TensorFlow, the reference on JAX); `solver_K5` is the solver
 alone, its coefficient maps given (gradients with respect to f = H^0 and
 the four maps D_x, D_y, u, v). `--pieces` adds the layer's parts one by
-one: the solver alone at K=1, the depth-wise coefficient conv (four maps),
-one batch normalisation (as the layer runs it in training mode on that
-path) and one ReLU.
+one, as the layer runs them in training mode on each path: the solver alone
+at K=1, the depth-wise coefficient conv (four maps, with their batch
+statistics on the compiled path), the output batch norm + ReLU (one pass on
+the compiled path) and, for scale, one ReLU.
 """
 
 import os
@@ -63,7 +64,8 @@ class SolverAlone(keras.layers.Layer):
 
 
 class DepthwiseMaps(keras.layers.Layer):
-    """The Global layer's depth-wise coefficient conv, four maps, as each path runs it."""
+    """The Global layer's depth-wise coefficient conv, four maps, as each path
+    runs it in training (the compiled op also sums the maps' batch statistics)."""
 
     def build(self, input_shape):
         self.conv = keras.layers.DepthwiseConv2D(3, padding="same", use_bias=False,
@@ -72,21 +74,30 @@ class DepthwiseMaps(keras.layers.Layer):
 
     def call(self, inputs):
         if fused_solver.use_compiled(inputs.dtype):
-            return fused_solver.depthwise_maps(inputs, self.conv.kernel)
+            maps, mean, variance = fused_solver.depthwise_maps(inputs, self.conv.kernel,
+                                                               statistics=True)
+            return [*maps, mean, variance]
         return self.conv(inputs)
 
 
-class BatchNorm(keras.layers.Layer):
-    """One BatchNormalization, as the Global layer runs it in training mode on each path."""
+class NormRelu(keras.layers.Layer):
+    """The Global layer's output batch norm + ReLU as each path runs it in
+    training: compiled, one normalise-and-rectify pass (the solver sums the
+    statistics, given here); reference, Keras' BatchNormalization and ReLU."""
 
     def build(self, input_shape):
         self.norm = keras.layers.BatchNormalization()
         self.norm.build(input_shape)
+        channels = (input_shape[-1],)
+        self.statistics = [self.add_weight(shape=channels, initializer=init, trainable=False)
+                           for init in ("zeros", "ones")]
 
     def call(self, inputs, training=None):
         if training and fused_solver.use_compiled(inputs.dtype):
-            return fused_solver.batch_normalization_training(self.norm, inputs)
-        return self.norm(inputs, training=training)
+            mean, variance = ([s] for s in self.statistics)
+            scale, shift = fused_solver.normalization([self.norm], (mean, variance))
+            return fused_solver.normalize_relu(inputs, scale, shift)
+        return keras.ops.relu(self.norm(inputs, training=training))
 
 
 def run(batch_size, size, channels, steps, rounds, warmup, jit_compile, paths=None,
@@ -106,7 +117,7 @@ def run(batch_size, size, channels, steps, rounds, warmup, jit_compile, paths=No
         layers["solver_K5"] = SolverAlone(5)
         if pieces:
             layers.update(solver_K1=SolverAlone(1), depthwise_4=DepthwiseMaps(),
-                          batch_norm=BatchNorm())
+                          norm_relu=NormRelu())
         for name, layer in layers.items():
             layer.build(shape)
             cases[f"{name}/{path}"] = timing.on_solver_path(

@@ -2,11 +2,15 @@
 
 `pde_keras/kernels/fused_solver.cc` runs the K solver steps of
 `pde_keras.solver` as one TensorFlow op, coefficient maps included, with a
-hand-written backward op (the adjoint recurrence); a second op computes the
-Global layer's depth-wise coefficient convolution, one output per map. It is built from source
-on first use with the installed TensorFlow's compile and link flags, cached
-per TensorFlow version and source hash, and loaded with
-`tf.load_op_library`. The keras.ops solver stays the reference: it runs on
+hand-written backward op (the adjoint recurrence); the other ops serve the
+Global layer: its depth-wise coefficient convolution (one output per map,
+with their batch statistics), its batch norms as per-channel (scale, shift)
+(`normalization`), which the solver applies to the maps as it reads them,
+the output batch norm + ReLU in one pass (`normalize_relu`), and the whole
+layer in inference mode (`global_inference`). It is built from source on
+first use with the installed TensorFlow's compile and link flags, cached per
+TensorFlow version and source hash, and loaded with `tf.load_op_library`.
+The keras.ops solver stays the reference: it runs on
 JAX, for dtypes other than float32, under XLA, and whenever the kernel
 cannot be built (one log line says why).
 
@@ -137,11 +141,17 @@ def _load():
 
 
 def _register_gradient(tf, library):
+    def zeros_for_none(op, grads):
+        return [tf.zeros_like(output) if grad is None else grad
+                for output, grad in zip(op.outputs, grads)]
+
     @tf.RegisterGradient("PdeKerasSolve")
-    def _solve_gradient(op, grad_solution):
+    def _solve_gradient(op, *grads):
         attrs = {name: op.get_attr(name)
                  for name in ("steps", "dt", "dx", "dy", "boundary", "rectify", "shared_initial")}
-        grads = library.pde_keras_solve_grad(*op.inputs, grad_solution, **attrs)
+        grad_solution, grad_mean, grad_variance = zeros_for_none(op, grads)
+        grads = library.pde_keras_solve_grad(*op.inputs, op.outputs[1], grad_solution, grad_mean,
+                                             grad_variance, **attrs)
         if attrs["shared_initial"]:
             # One tensor is both f and H^0: its whole gradient is the first
             # output (the second is empty), so no sum of two copies follows.
@@ -149,9 +159,56 @@ def _register_gradient(tf, library):
         return grads
 
     @tf.RegisterGradient("PdeKerasDepthwiseMaps")
-    def _depthwise_gradient(op, *grad_maps):
-        grad_maps = [tf.zeros_like(op.inputs[0]) if g is None else g for g in grad_maps]
-        return library.pde_keras_depthwise_maps_grad(op.inputs[0], op.inputs[1], grad_maps)
+    def _depthwise_gradient(op, *grads):
+        *grad_maps, grad_mean, grad_variance = zeros_for_none(op, grads)
+        return library.pde_keras_depthwise_maps_grad(
+            op.inputs[0], op.inputs[1], op.outputs[-2], grad_maps, grad_mean, grad_variance)
+
+    @tf.RegisterGradient("PdeKerasNormalization")
+    def _normalization_gradient(op, grad_scale, grad_shift):
+        count, epsilon = op.get_attr("count"), op.get_attr("epsilon")
+        gamma, beta, mean, variance = (op.inputs[i * count:(i + 1) * count] for i in range(4))
+        grads = [[None] * count for _ in range(4)]
+        for row, n in enumerate(op.get_attr("rows")):
+            if n < 0:
+                continue
+            # scale = gamma / sqrt(variance + epsilon), shift = beta - mean * scale.
+            d_scale = tf.reshape(grad_scale[row], tf.shape(gamma[n]))
+            d_shift = tf.reshape(grad_shift[row], tf.shape(gamma[n]))
+            inverse = tf.math.rsqrt(variance[n] + epsilon[n])
+            through_scale = d_scale - d_shift * mean[n]
+            for k, grad in enumerate((through_scale * inverse, d_shift,
+                                      -d_shift * gamma[n] * inverse,
+                                      -0.5 * through_scale * gamma[n] * inverse ** 3)):
+                grads[k][n] = grad if grads[k][n] is None else grads[k][n] + grad
+        return [tf.zeros_like(value) if grad is None else grad
+                for values, row_grads in zip((gamma, beta, mean, variance), grads)
+                for value, grad in zip(values, row_grads)]
+
+    @tf.RegisterGradient("PdeKerasGlobalInference")
+    def _global_inference_gradient(op, grad_output):
+        # The three-op path computes the same; its ops' gradients chain.
+        attrs = {name: op.get_attr(name)
+                 for name in ("steps", "dt", "dx", "dy", "boundary", "maps")}
+        # With shared_initial, one tensor is both f and H^0: all its gradient
+        # goes to the second input (TensorFlow adds the two).
+        shared = op.get_attr("shared_initial")
+        inputs = list(op.inputs)[1:] if shared else list(op.inputs)
+        with tf.GradientTape() as tape:
+            tape.watch(inputs)
+            initial, kernel, scale, shift = inputs[-4:]
+            source = initial if shared else inputs[0]
+            maps = depthwise_maps(initial, kernel)
+            d_x, d_y, u, v = (maps[k] for k in attrs.pop("maps"))
+            solution = solve(source, initial, (d_x, d_y), (u, v), **attrs, rectify=True,
+                             normalization=(scale[:4], shift[:4]))
+            output = normalize_relu(solution, scale[4], shift[4])
+        grads = tape.gradient(output, inputs, output_gradients=grad_output)
+        return [None] + grads if shared else grads
+
+    @tf.RegisterGradient("PdeKerasNormalizeRelu")
+    def _normalize_relu_gradient(op, grad_y):
+        return library.pde_keras_normalize_relu_grad(*op.inputs, grad_y)
 
 
 def library():
@@ -219,11 +276,49 @@ def use_compiled(dtype):
     return True
 
 
-def depthwise_maps(inputs, kernel):
+def depthwise_maps(inputs, kernel, statistics=False):
     """The zero-padded 3x3 depth-wise conv of `inputs` (NHWC, float32) by
     `kernel` (3, 3, channels, maps): a list of `maps` tensors shaped like
-    `inputs`, map k from `kernel[..., k]`."""
-    return library().pde_keras_depthwise_maps(inputs, kernel, count=int(kernel.shape[-1]))
+    `inputs`, map k from `kernel[..., k]`.
+
+    With `statistics`, returns `(maps, mean, variance)`: also each map's batch
+    mean and biased variance per channel, `(maps, channels)` each (what a
+    batch normalisation in training mode normalises with), summed by the
+    kernel as it writes the maps, differentiable like the maps.
+    """
+    maps, mean, variance = library().pde_keras_depthwise_maps(
+        inputs, kernel, count=int(kernel.shape[-1]))
+    return (list(maps), mean, variance) if statistics else list(maps)
+
+
+def normalization(norms, statistics=None, rows=None):
+    """The batch normalisations `norms` (Keras `BatchNormalization` layers over
+    the last axis) as `(scale, shift)`, `(len(rows), channels)` each: row r
+    normalises as `x * scale[r] + shift[r]` what `norms[rows[r]]` normalises,
+    or is the identity (1, 0) where `rows[r]` is -1 (default: one row per
+    norm, in order). One kernel computes them.
+
+    With `statistics = (mean, variance)` (the batch statistics, one per norm:
+    `(len(norms), channels)` tensors, as `depthwise_maps(..., statistics=True)`
+    gives them, or lists) that is the training-mode normalisation, and each
+    layer's moving averages are updated as Keras does; without, the
+    inference-mode one from the moving averages. Differentiable with respect
+    to the statistics and each layer's gamma and beta.
+    """
+    import tensorflow as tf
+
+    rows = list(range(len(norms))) if rows is None else [int(row) for row in rows]
+    if statistics is None:
+        mean = [norm.moving_mean for norm in norms]
+        variance = [norm.moving_variance for norm in norms]
+    else:
+        mean, variance = (list(value) if isinstance(value, (list, tuple)) else tf.unstack(value)
+                          for value in statistics)
+        for norm, map_mean, map_variance in zip(norms, mean, variance):
+            _update_moving_averages(norm, map_mean, map_variance)
+    return library().pde_keras_normalization(
+        [norm.gamma for norm in norms], [norm.beta for norm in norms], mean, variance,
+        epsilon=[float(norm.epsilon) for norm in norms], rows=rows)
 
 
 def batch_normalization_training(layer, inputs):
@@ -250,16 +345,56 @@ def batch_normalization_training(layer, inputs):
     # The kernel reports the Bessel-corrected variance; Keras averages the biased one.
     count = tf.cast(tf.size(inputs) // tf.shape(inputs)[-1], "float32")
     variance = unbiased_variance * ((count - 1.0) / count)
-    momentum = layer.momentum
-    layer.moving_mean.assign(layer.moving_mean * momentum + mean * (1.0 - momentum))
-    layer.moving_variance.assign(layer.moving_variance * momentum + variance * (1.0 - momentum))
+    _update_moving_averages(layer, mean, variance)
     return outputs
 
 
-def solve(source, initial, diffusivity, velocity, steps, dt, dx, dy, boundary, rectify=False):
+def _update_moving_averages(norm, mean, variance):
+    """A Keras BatchNormalization's moving-average update with batch
+    statistics `mean` and (biased) `variance`, as its own call makes it."""
+    momentum = norm.momentum
+    norm.moving_mean.assign(norm.moving_mean * momentum + mean * (1.0 - momentum))
+    norm.moving_variance.assign(norm.moving_variance * momentum + variance * (1.0 - momentum))
+
+
+def solve(source, initial, diffusivity, velocity, steps, dt, dx, dy, boundary, rectify=False,
+          normalization=None, statistics=False):
     """H^K from the kernel; every tensor float32 and shaped like `source`;
-    `rectify`: ReLU the four coefficient maps first."""
-    return library().pde_keras_solve(
+    `rectify`: ReLU the four coefficient maps (D_x, D_y, u, v) first, after
+    `normalization` = (scale, shift), `(4, channels)` each, if given: map m
+    becomes ReLU(map * scale[m] + shift[m]). With `statistics`, returns
+    `(H^K, mean, variance)`: also H^K's batch mean and biased variance per
+    channel (summed as the kernel writes H^K), differentiable like H^K."""
+    import tensorflow as tf
+
+    if normalization is None:  # the identity
+        channels = tf.shape(source)[-1:]
+        normalization = (tf.ones(tf.concat([[4], channels], 0)),
+                         tf.zeros(tf.concat([[4], channels], 0)))
+    solution, mean, variance = library().pde_keras_solve(
         source, initial, diffusivity[0], diffusivity[1], velocity[0], velocity[1],
-        steps=steps, dt=dt, dx=dx, dy=dy, boundary=boundary, rectify=rectify,
+        *normalization, steps=steps, dt=dt, dx=dx, dy=dy, boundary=boundary, rectify=rectify,
         shared_initial=source is initial)
+    return (solution, mean, variance) if statistics else solution
+
+
+def global_inference(source, initial, kernel, maps, normalization, steps, dt, dx, dy, boundary):
+    """The Global layer in one kernel: with `(scale, shift) = normalization`,
+    `(5, channels)` each, `normalize_relu(solve(source, initial, (D_x, D_y),
+    (u, v), ..., rectify=True, normalization=(scale[:4], shift[:4])),
+    scale[4], shift[4])`, D_x, D_y, u, v the depth-wise maps
+    `depthwise_maps(initial, kernel)[k]` for k in `maps` (four indices); the
+    maps and H^K never leave the kernel's per-unit buffers. What the layer
+    runs in inference mode; differentiable (the gradient recomputes the
+    three-op path)."""
+    return library().pde_keras_global_inference(
+        source, initial, kernel, *normalization, steps=steps, dt=dt,
+        dx=dx, dy=dy, boundary=boundary, maps=[int(k) for k in maps],
+        shared_initial=source is initial)
+
+
+def normalize_relu(inputs, scale, shift):
+    """ReLU(inputs * scale + shift) in one pass, for a float32 NHWC tensor and
+    per-channel `scale`, `shift` (a batch normalisation as `normalization`
+    gives it, and the ReLU after it)."""
+    return library().pde_keras_normalize_relu(inputs, scale, shift)

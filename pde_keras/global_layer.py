@@ -14,6 +14,8 @@ INITS = ("identity", "residual")
 # Maps predicted by sub-layers, and which option decides each one's branch.
 _VELOCITY_MAPS = ("u", "v")
 _DIFFUSIVITY_MAPS = ("Dx", "Dy")
+# The solver's order of the four maps (the rows of its `normalization`).
+_SOLVER_MAPS = ("Dx", "Dy", "u", "v")
 # coefficient_epsilon's default: the authors' epsilon, the channel count.
 CHANNELS = "channels"
 
@@ -92,14 +94,19 @@ class GlobalLayer(HasLayerOptions, keras.layers.Layer):
     and the solver in float32: the K steps accumulate products of
     coefficient maps, which float16 resolves too coarsely.
 
-    On TensorFlow on CPU, float32 layers run a compiled kernel (built from
-    source on first use, see `pde_keras.fused_solver`): the K solver steps
-    with their coefficient maps and the depth-wise coefficient conv, with
-    hand-written gradients, and the batch norms in training mode as
-    TensorFlow's fused batch norm. It computes what the keras.ops code
-    computes (the reference, and the only path on JAX). The environment
-    variable `PDE_KERAS_SOLVER=auto|compiled|reference` chooses the path at
-    run time; weights, config and `.keras` files are the same on both.
+    On TensorFlow on CPU, float32 layers run compiled kernels (built from
+    source on first use, see `pde_keras.fused_solver`), with hand-written
+    gradients: the depth-wise coefficient conv, which also sums the maps'
+    batch statistics; the K solver steps, which normalise and rectify the
+    maps as they read them (the four coefficient batch norms, no pass of
+    their own) and sum H^K's statistics; one pass for the output batch norm
+    + ReLU; in inference mode, with every map depth-wise, the whole layer as
+    one op. Other batch norms in training run as TensorFlow's fused batch
+    norm. It computes what the keras.ops code computes (the reference, and
+    the only path on JAX); the moving averages are updated as Keras does.
+    The environment variable `PDE_KERAS_SOLVER=auto|compiled|reference`
+    chooses the path at run time; weights, config and `.keras` files are the
+    same on both.
 
     Input shape:
         4D tensor `(batch, height, width, channels)`.
@@ -249,16 +256,36 @@ class GlobalLayer(HasLayerOptions, keras.layers.Layer):
             return fused_solver.batch_normalization_training(layer, inputs)
         return layer(inputs, training=training)
 
+    def _fused_norms(self, initial, training):
+        """Whether the depth-wise maps' and the output's batch norms run inside
+        the compiled kernels: the depth-wise op sums the maps' batch
+        statistics as it writes them, the solver normalises each map as it
+        reads it and sums H^K's statistics as it writes it, and one pass
+        normalises and rectifies H^K (see `_fused_depthwise`, `_fused_solve`):
+        no batch norm makes passes of its own."""
+        if not self.depthwise_maps or not fused_solver.use_compiled(initial.dtype):
+            return False
+        if training is True:  # batch statistics, unless a frozen norm uses its averages
+            norms = [self.output_bn] + [self.branches[name][0] for name in self.depthwise_maps]
+            return all(norm.trainable for norm in norms)
+        return training is None or training is False  # (not a symbolic flag)
+
     def _coefficients(self, initial, training):
-        """Returns (maps, pre_activation): D_x, D_y, u, v from H^0.
+        """Returns (maps, pre_activation, normalization): D_x, D_y, u, v from H^0.
 
         Learned maps are float32 tensors; constant ones are python floats.
-        `pre_activation` holds the learned maps before their ReLU.
+        `pre_activation` holds the learned maps before their ReLU, as the
+        solver takes them. `normalization` is None, or on the fused path
+        `(scale, shift)` for `fused_solver.solve`: then the depth-wise maps in
+        `pre_activation` are before their batch norm too.
         """
-        maps, pre_activation = {}, {}
-        branch_inputs = self._split_depthwise(initial) if self.depthwise_maps else {}
+        maps, pre_activation, normalization = {}, {}, None
+        if self._fused_norms(initial, training):
+            pre_activation, normalization = self._fused_depthwise(initial, training)
+        branch_inputs = (self._split_depthwise(initial)
+                         if self.depthwise_maps and normalization is None else {})
         for map_name, branch in self.branches.items():
-            if branch:
+            if branch and map_name not in pre_activation:
                 h = branch_inputs.get(map_name, initial)
                 for layer in branch:
                     h = self._apply(layer, h, training)
@@ -274,22 +301,63 @@ class GlobalLayer(HasLayerOptions, keras.layers.Layer):
         elif self.diffusivity == "perona_malik":
             maps["Dx"] = maps["Dy"] = solver.perona_malik_diffusivity(
                 initial32, self.perona_malik_lambda, self.boundary)
-        return maps, pre_activation
+        return maps, pre_activation, normalization
 
-    def _run(self, inputs, training):
+    def _fused_depthwise(self, initial, training):
+        """The depth-wise maps before their batch norms, and the norms as the
+        solver's `(scale, shift)` rows (the identity for the other maps)."""
+        norms = [self.branches[name][0] for name in self.depthwise_maps]
+        raw, mean, variance = fused_solver.depthwise_maps(
+            initial, self.coefficient_conv.kernel, statistics=True)
+        rows = [self.depthwise_maps.index(name) if name in self.depthwise_maps else -1
+                for name in _SOLVER_MAPS]
+        normalization = fused_solver.normalization(
+            norms, (mean, variance) if training is True else None, rows)
+        return dict(zip(self.depthwise_maps, raw)), normalization
+
+    def _fused_inference(self, inputs, initial):
+        """The output in inference mode, one compiled op (every map depth-wise)."""
+        norms = [self.branches[name][0] for name in _SOLVER_MAPS] + [self.output_bn]
+        rows = [self.depthwise_maps.index(name) for name in _SOLVER_MAPS]
+        return fused_solver.global_inference(
+            inputs, initial, self.coefficient_conv.kernel, rows, fused_solver.normalization(norms),
+            self.steps, dt=self.dt, dx=self.dx, dy=self.dy, boundary=self.boundary)
+
+    def _fused_solve(self, inputs, initial, given, normalization, training):
+        """(H^K, output) from the compiled solver, which normalises the maps
+        by `normalization` and sums H^K's batch statistics, and one pass of
+        the output batch norm + ReLU (all float32 on this path)."""
+        # Learned maps are full tensors already; constants become full maps.
+        d_x, d_y, u, v = (solver.broadcast_like(given[name], inputs)
+                          if isinstance(given[name], (int, float)) else given[name]
+                          for name in _SOLVER_MAPS)
+        solution, mean, variance = fused_solver.solve(
+            inputs, initial, (d_x, d_y), (u, v), self.steps, dt=self.dt, dx=self.dx, dy=self.dy,
+            boundary=self.boundary, rectify=True, normalization=normalization, statistics=True)
+        scale, shift = fused_solver.normalization(
+            [self.output_bn], ([mean], [variance]) if training is True else None)
+        return solution, fused_solver.normalize_relu(solution, scale, shift)
+
+    def _run(self, inputs, training, inspect=False):
         initial = inputs if self.init_block is None else self.init_block(inputs, training=training)
-        maps, pre_activation = self._coefficients(initial, training)
+        if not inspect and training is not True and len(self.depthwise_maps) == 4 and (
+                self._fused_norms(initial, training)):
+            return (self._fused_inference(inputs, initial),)
+        maps, pre_activation, normalization = self._coefficients(initial, training)
         # The solver applies the learned maps' ReLU itself (in the compiled
         # kernel's pass over the maps); the other maps are >= 0 already.
         given = {**maps, **pre_activation}
-        solution = solver.solve_advection_diffusion(
-            ops.cast(inputs, "float32"), ops.cast(initial, "float32"),
-            (given["Dx"], given["Dy"]), (given["u"], given["v"]), self.steps,
-            dt=self.dt, dx=self.dx, dy=self.dy, boundary=self.boundary,
-            rectify_coefficients=True)
-        solution = ops.cast(solution, self.compute_dtype)
-        output = ops.relu(self._apply(self.output_bn, solution, training))
-        return output, initial, solution, maps, pre_activation
+        if normalization is not None:
+            solution, output = self._fused_solve(inputs, initial, given, normalization, training)
+        else:
+            solution = solver.solve_advection_diffusion(
+                ops.cast(inputs, "float32"), ops.cast(initial, "float32"),
+                (given["Dx"], given["Dy"]), (given["u"], given["v"]), self.steps,
+                dt=self.dt, dx=self.dx, dy=self.dy, boundary=self.boundary,
+                rectify_coefficients=True)
+            solution = ops.cast(solution, self.compute_dtype)
+            output = ops.relu(self._apply(self.output_bn, solution, training))
+        return output, initial, solution, maps, pre_activation, normalization
 
     def call(self, inputs, training=None):
         return self._run(inputs, training)[0]
@@ -313,7 +381,14 @@ class GlobalLayer(HasLayerOptions, keras.layers.Layer):
         inputs = ops.convert_to_tensor(inputs, dtype=self.compute_dtype)
         if not self.built:
             self.build(tuple(inputs.shape))
-        output, initial, solution, maps, pre_activation = self._run(inputs, training)
+        output, initial, solution, maps, pre_activation, normalization = self._run(
+            inputs, training, inspect=True)
+        if normalization is not None:  # the fused path's maps, normalised as the solver did
+            scale, shift = normalization
+            for m, name in enumerate(_SOLVER_MAPS):
+                if name in self.depthwise_maps:
+                    pre_activation[name] = pre_activation[name] * scale[m] + shift[m]
+                    maps[name] = ops.relu(pre_activation[name])
         like = ops.cast(solution, "float32")
         full = {name: solver.broadcast_like(value, like) for name, value in maps.items()}
         result = {

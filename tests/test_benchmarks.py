@@ -27,7 +27,7 @@ def test_layer_benchmark_pieces():
     paths = fused_solver.available_paths()
     assert set(medians) == {"conv2d_3x3", "relu"} | {
         f"{case}/{path}" for case in ("global_K1", "solver_K5", "solver_K1", "depthwise_4",
-                                      "batch_norm") for path in paths}
+                                      "norm_relu") for path in paths}
     assert all(t > 0 and math.isfinite(t) for t in medians.values())
 
 

@@ -345,3 +345,275 @@ def test_two_processes_building_at_once_share_one_build(tmp_path):
     for process in processes:
         assert process.wait(timeout=600) == 0, process.stderr.read()
     assert [p.name for p in (tmp_path / "cache").glob("*/*.so*")] == ["fused_solver.so"]
+
+
+# -- the batch norms inside the kernels ---------------------------------------
+# The Global layer's coefficient and output batch norms run inside the kernels
+# on the compiled path: the depth-wise op and the solver sum the batch
+# statistics of what they write, the solver normalises the maps as it reads
+# them, and one op normalises and rectifies H^K. Each piece is checked against
+# NumPy and TensorFlow's own ops (forward and every gradient).
+
+
+def _moments(values):
+    """NumPy batch mean and biased variance per channel (last axis), in float64."""
+    values = np.asarray(values, np.float64).reshape(-1, values.shape[-1])
+    return values.mean(axis=0), values.var(axis=0)
+
+
+def _gradients(compute, inputs, weights):
+    """The outputs of `compute(*inputs)` and d(sum_i sum(output_i * weights_i))/d inputs."""
+    import tensorflow as tf
+
+    inputs = [tf.constant(value) for value in inputs]
+    with tf.GradientTape() as tape:
+        tape.watch(inputs)
+        outputs = compute(*inputs)
+        loss = sum(tf.reduce_sum(o * w) for o, w in zip(outputs, weights))
+    return [o.numpy() for o in outputs] + [g.numpy() for g in tape.gradient(loss, inputs)]
+
+
+def _weights_like(arrays, seed):
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal(np.shape(a)).astype("float32") for a in arrays]
+
+
+@tensorflow_only
+@pytest.mark.parametrize("shape, maps", [((2, 7, 9, 3), 4), ((1, 5, 1, 2), 2), ((3, 4, 6, 11), 3)])
+def test_depthwise_statistics_match_numpy(shape, maps):
+    rng = np.random.default_rng(11)
+    x = (rng.standard_normal(shape) + 0.5).astype("float32")
+    kernel = rng.standard_normal((3, 3, shape[-1], maps)).astype("float32")
+    outputs, mean, variance = fused_solver.depthwise_maps(x, kernel, statistics=True)
+    assert tuple(mean.shape) == tuple(variance.shape) == (maps, shape[-1])
+    for k, output in enumerate(outputs):
+        expected_mean, expected_variance = _moments(output.numpy())
+        np.testing.assert_allclose(mean[k], expected_mean, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(variance[k], expected_variance, rtol=1e-5, atol=1e-6)
+
+
+@tensorflow_only
+@pytest.mark.parametrize("shape, maps", [((2, 7, 9, 3), 4), ((1, 4, 6, 11), 2)])
+def test_depthwise_statistics_gradients_match_tensorflow(shape, maps):
+    """Gradients through the maps and their statistics at once, against
+    tf.nn.depthwise_conv2d and tf.nn.moments."""
+    import tensorflow as tf
+
+    rng = np.random.default_rng(12)
+    x = rng.standard_normal(shape).astype("float32")
+    kernel = rng.standard_normal((3, 3, shape[-1], maps)).astype("float32")
+    weights = _weights_like([x] * maps + [np.zeros((maps, shape[-1]))] * 2, 13)
+
+    def compiled(x, kernel):
+        outputs, mean, variance = fused_solver.depthwise_maps(x, kernel, statistics=True)
+        return outputs + [mean, variance]
+
+    def reference(x, kernel):
+        fused = tf.nn.depthwise_conv2d(x, kernel, (1, 1, 1, 1), "SAME")
+        outputs = tf.unstack(tf.reshape(fused, shape + (maps,)), axis=-1)
+        mean, variance = tf.nn.moments(tf.stack(outputs), axes=(1, 2, 3))
+        return outputs + [mean, variance]
+
+    for actual, expected in zip(_gradients(compiled, [x, kernel], weights),
+                                _gradients(reference, [x, kernel], weights)):
+        assert _max_relative_error(actual, expected) <= 1e-5
+
+
+def _normalization(channels, seed):
+    rng = np.random.default_rng(seed)
+    return (rng.uniform(0.3, 1.5, (4, channels)).astype("float32"),
+            (0.4 * rng.standard_normal((4, channels))).astype("float32"))
+
+
+@tensorflow_only
+@pytest.mark.usefixtures("restore_path")
+@pytest.mark.parametrize("shape", [(2, 7, 9, 3), (1, 5, 1, 2), (1, 4, 6, 11)])
+@pytest.mark.parametrize("steps", [1, 2, 5])
+@pytest.mark.parametrize("boundary", BOUNDARIES)
+def test_normalised_maps_and_solution_statistics_match_the_reference(boundary, steps, shape):
+    """The solver with `normalization` (maps ReLU(map * scale + shift)) and
+    H^K's statistics, forward and every gradient (scale and shift included),
+    against the keras.ops solver given the normalised maps and tf.nn.moments."""
+    import tensorflow as tf
+
+    f, h0, *maps = _problem(shape, seed=14)
+    maps = [m - 0.4 for m in maps]  # some below zero: the ReLU clamps them
+    scale, shift = _normalization(shape[-1], 15)
+    options = dict(dt=0.2, dx=1.0, dy=1.0, boundary=boundary)
+    weights = _weights_like([f, np.zeros(shape[-1]), np.zeros(shape[-1])], 16)
+
+    def compiled(f, h0, d_x, d_y, u, v, scale, shift):
+        os.environ[fused_solver.ENVIRONMENT_VARIABLE] = "compiled"
+        return fused_solver.solve(f, h0, (d_x, d_y), (u, v), steps, rectify=True,
+                                  normalization=(scale, shift), statistics=True, **options)
+
+    def reference(f, h0, d_x, d_y, u, v, scale, shift):
+        os.environ[fused_solver.ENVIRONMENT_VARIABLE] = "reference"
+        d_x, d_y, u, v = (tf.nn.relu(m * scale[i] + shift[i])
+                          for i, m in enumerate((d_x, d_y, u, v)))
+        solution = solver.solve_advection_diffusion(f, h0, (d_x, d_y), (u, v), steps, **options)
+        return [solution, *tf.nn.moments(solution, axes=(0, 1, 2))]
+
+    arrays = [f, h0, *maps, scale, shift]
+    names = ["H^K", "mean", "variance", "f", "H^0", "D_x", "D_y", "u", "v", "scale", "shift"]
+    for name, actual, expected in zip(names, _gradients(compiled, arrays, weights),
+                                      _gradients(reference, arrays, weights)):
+        error = _max_relative_error(actual, expected)
+        assert error <= 1e-5, f"{name}: max relative error {error:.2e}"
+
+
+@tensorflow_only
+@pytest.mark.parametrize("shape", [(2, 7, 9, 3), (1, 4, 6, 11)])
+def test_normalize_relu_matches_tensorflow(shape):
+    import tensorflow as tf
+
+    rng = np.random.default_rng(17)
+    x = rng.standard_normal(shape).astype("float32")
+    scale, shift = (a[0] for a in _normalization(shape[-1], 18))
+    expected = np.maximum(x * scale + shift, 0.0)
+    np.testing.assert_allclose(fused_solver.normalize_relu(x, scale, shift), expected,
+                               rtol=1e-6, atol=1e-6)
+    weights = _weights_like([x], 19)
+    compiled = _gradients(lambda *a: [fused_solver.normalize_relu(*a)], [x, scale, shift], weights)
+    reference = _gradients(lambda x, s, b: [tf.nn.relu(x * s + b)], [x, scale, shift], weights)
+    for actual, wanted in zip(compiled, reference):
+        assert _max_relative_error(actual, wanted) <= 1e-5
+
+
+@tensorflow_only
+@pytest.mark.parametrize("training", [True, False])
+def test_normalization_is_what_batch_normalization_computes(training):
+    """`normalization` of Keras BatchNormalization layers as (scale, shift):
+    the same output as the layers, and in training the same moving averages."""
+    import tensorflow as tf
+
+    rng = np.random.default_rng(20)
+    x = (2.0 * rng.standard_normal((2, 5, 6, 3)) + 1.0).astype("float32")
+    norms, copies = [], []
+    for epsilon in (1e-3, 3.0):
+        for target in (norms, copies):
+            norm = keras.layers.BatchNormalization(epsilon=epsilon, momentum=0.8)
+            norm.build(x.shape)
+            target.append(norm)
+        for weight, value in zip(norms[-1].weights, (1.5, -0.2, 0.3, 2.0)):
+            weight.assign(np.full(3, value, "float32") + rng.uniform(0, 0.1, 3).astype("float32"))
+        for weight, copy in zip(norms[-1].weights, copies[-1].weights):
+            copy.assign(weight)
+    mean, variance = tf.nn.moments(tf.constant(x), axes=(0, 1, 2))
+    statistics = (tf.stack([mean] * 2), tf.stack([variance] * 2)) if training else None
+    scale, shift = fused_solver.normalization(norms, statistics)
+    for k, (norm, copy) in enumerate(zip(norms, copies)):
+        expected = copy(x, training=training)
+        np.testing.assert_allclose(x * scale[k] + shift[k], expected, rtol=1e-5, atol=1e-5)
+        for actual, wanted in zip(norm.non_trainable_weights, copy.non_trainable_weights):
+            np.testing.assert_allclose(actual, wanted, rtol=1e-6)
+
+
+@tensorflow_only
+def test_kernels_reject_mismatched_shapes():
+    import tensorflow as tf
+
+    library = fused_solver.library()
+    x = tf.zeros((1, 4, 5, 3))
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"input 6 has shape \[4,2\], "
+                                                              r"expected \[4,3\]"):
+        library.pde_keras_solve(x, x, x, x, x, x, tf.ones((4, 2)), tf.zeros((4, 3)), steps=1,
+                                dt=0.2, dx=1.0, dy=1.0, boundary="periodic")
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=r"input 1 has shape \[2\], expected one value per channel of "
+                             r"\[1,4,5,3\]"):
+        library.pde_keras_normalize_relu(x, tf.ones((2,)), tf.zeros((3,)))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="2 epsilons for 1 norms"):
+        library.pde_keras_normalization([tf.ones(3)], [tf.ones(3)], [tf.ones(3)], [tf.ones(3)],
+                                        epsilon=[1e-3, 1e-3], rows=[0])
+    with pytest.raises(tf.errors.InvalidArgumentError, match="statistics and their gradients"):
+        library.pde_keras_depthwise_maps_grad(x, tf.zeros((3, 3, 3, 2)), tf.zeros((2, 2)),
+                                              [x, x], tf.zeros((2, 3)), tf.zeros((2, 3)))
+
+
+@tensorflow_only
+def test_normalization_kernel_gradients_match_tensorflow():
+    """d(scale, shift)/d(gamma, beta, mean, variance) of the kernel, identity rows
+    and a norm used twice included, against TensorFlow's autodiff of the formula."""
+    import tensorflow as tf
+
+    rng = np.random.default_rng(21)
+    values = [rng.uniform(0.5, 2.0, (2, 3)).astype("float32") for _ in range(4)]
+    epsilon, rows = [1e-3, 3.0], [1, -1, 0, 1]
+    weights = _weights_like([np.zeros((4, 3))] * 2, 22)
+
+    def compiled(gamma, beta, mean, variance):
+        return fused_solver.library().pde_keras_normalization(
+            tf.unstack(gamma), tf.unstack(beta), tf.unstack(mean), tf.unstack(variance),
+            epsilon=epsilon, rows=rows)
+
+    def reference(gamma, beta, mean, variance):
+        scale = gamma * tf.math.rsqrt(variance + tf.constant(epsilon)[:, None])
+        shift = beta - mean * scale
+        pick = lambda value, identity: tf.stack(  # noqa: E731
+            [value[row] if row >= 0 else tf.fill((3,), identity) for row in rows])
+        return [pick(scale, 1.0), pick(shift, 0.0)]
+
+    for actual, expected in zip(_gradients(compiled, values, weights),
+                                _gradients(reference, values, weights)):
+        assert _max_relative_error(actual, expected) <= 1e-5
+
+
+@tensorflow_only
+@pytest.mark.parametrize("shape", [(2, 7, 9, 3), (1, 5, 1, 2), (1, 4, 6, 11)])
+@pytest.mark.parametrize("steps, boundary", [(1, "periodic"), (2, "neumann"), (5, "dirichlet")])
+@pytest.mark.parametrize("shared", [True, False])
+def test_global_inference_is_the_three_op_path(shared, steps, boundary, shape):
+    """The one-op inference layer against depthwise_maps -> solve -> normalize_relu,
+    forward and every gradient."""
+    rng = np.random.default_rng(23)
+    channels = shape[-1]
+    initial = rng.standard_normal(shape).astype("float32")
+    source = initial if shared else rng.standard_normal(shape).astype("float32")
+    kernel = (0.5 * rng.standard_normal((3, 3, channels, 4))).astype("float32")
+    scale = rng.uniform(0.3, 1.5, (5, channels)).astype("float32")
+    shift = (0.3 * rng.standard_normal((5, channels))).astype("float32")
+    maps = [2, 0, 3, 1]  # the kernel's maps for D_x, D_y, u, v
+    options = dict(steps=steps, dt=0.2, dx=1.0, dy=0.5, boundary=boundary)
+    weights = _weights_like([initial], 24)
+
+    def one_op(*arrays):
+        source, initial = (arrays[0], arrays[0]) if shared else arrays[:2]
+        kernel, scale, shift = arrays[-3:]
+        return [fused_solver.global_inference(source, initial, kernel, maps, (scale, shift),
+                                              **options)]
+
+    def three_ops(*arrays):
+        source, initial = (arrays[0], arrays[0]) if shared else arrays[:2]
+        kernel, scale, shift = arrays[-3:]
+        computed = fused_solver.depthwise_maps(initial, kernel)
+        d_x, d_y, u, v = (computed[k] for k in maps)
+        solution = fused_solver.solve(source, initial, (d_x, d_y), (u, v), rectify=True,
+                                      normalization=(scale[:4], shift[:4]), **options)
+        return [fused_solver.normalize_relu(solution, scale[4], shift[4])]
+
+    arrays = ([] if shared else [source]) + [initial, kernel, scale, shift]
+    for actual, expected in zip(_gradients(one_op, arrays, weights),
+                                _gradients(three_ops, arrays, weights)):
+        assert _max_relative_error(actual, expected) <= 1e-5
+
+
+@tensorflow_only
+@pytest.mark.usefixtures("restore_path")
+def test_layer_runs_inference_as_one_op_and_still_shows_its_maps():
+    import tensorflow as tf
+
+    os.environ[fused_solver.ENVIRONMENT_VARIABLE] = "compiled"
+    x = np.random.default_rng(25).standard_normal((2, 6, 5, 3)).astype("float32")
+    layer = pde_keras.GlobalLayer(steps=2)
+    layer.build(x.shape)
+    for training in (False, True):
+        graph = tf.function(lambda x: layer(x, training=training)).get_concrete_function(
+            tf.constant(x)).graph
+        kernels = {op.type for op in graph.get_operations() if op.type.startswith("PdeKeras")}
+        assert ("PdeKerasGlobalInference" in kernels) == (not training), kernels
+    maps = layer.coefficient_maps(x)
+    np.testing.assert_allclose(maps["output"], layer(x), rtol=1e-6, atol=1e-6)
+    os.environ[fused_solver.ENVIRONMENT_VARIABLE] = "reference"
+    for name, value in layer.coefficient_maps(x).items():
+        np.testing.assert_allclose(maps[name], value, rtol=1e-5, atol=1e-5, err_msg=name)

@@ -15,9 +15,12 @@
 // with the seven coefficient maps (a, b, c_n, s) computed once per call from
 // D_x, D_y, u, v.
 //
-// PdeKerasSolve(source f, initial H^0, D_x, D_y, u, v) -> H^K.
-// PdeKerasSolveGrad(same inputs, dL/dH^K) -> dL/d(f, H^0, D_x, D_y, u, v):
-// recomputes the K states, runs the adjoint recurrence backwards
+// PdeKerasSolve(source f, initial H^0, D_x, D_y, u, v, scale, shift) -> H^K.
+// With the attr rectify, map m of (D_x, D_y, u, v) is used as
+// ReLU(map * scale[m] + shift[m]) (scale and shift are (4, channels): the
+// Global layer's coefficient batch norms, applied as the maps are read).
+// PdeKerasSolveGrad(same inputs, dL/dH^K) -> dL/d(f, H^0, D_x, D_y, u, v, scale,
+// shift): recomputes the K states, runs the adjoint recurrence backwards
 //   G^k += b G^{k+1} + sum_n S_n^T(c_n G^{k+1}),   G^{k-1} += a G^{k+1}
 // (in gather form: the transposed shifts read the same offsets), keeps six
 // per-cell sums over the steps (see Sums) and chains them to D_x, D_y, u, v
@@ -25,9 +28,10 @@
 // shared_initial (f and H^0 one tensor) output 0 is dL/df + dL/dH^0 and
 // output 1 is empty.
 //
-// PdeKerasDepthwiseMaps(x, kernel (3, 3, C, m)) -> m maps: the Global layer's
-// depth-wise 3x3 coefficient conv ("same"), one output per map, and its
-// gradient op PdeKerasDepthwiseMapsGrad.
+// PdeKerasDepthwiseMaps(x, kernel (3, 3, C, m)) -> m maps, their mean and
+// (biased) variance per map and channel: the Global layer's depth-wise 3x3
+// coefficient conv ("same"), one output per map, with the batch statistics
+// its batch norms need; and its gradient op PdeKerasDepthwiseMapsGrad.
 //
 // All solver inputs are float32 NHWC tensors of one shape (the Python wrapper
 // broadcasts scalar and per-channel coefficients). x is the height axis,
@@ -35,8 +39,10 @@
 // TensorFlow's intra-op thread pool.
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -55,7 +61,13 @@ using ::tensorflow::OpKernelConstruction;
 using ::tensorflow::OpKernelContext;
 using ::tensorflow::Tensor;
 using ::tensorflow::TensorShape;
-using ::tensorflow::errors::InvalidArgument;
+
+// An InvalidArgument status with its parts concatenated (TensorFlow's own
+// errors::InvalidArgument is deprecated for this).
+template <typename... Parts>
+absl::Status InvalidArgument(const Parts&... parts) {
+  return absl::InvalidArgumentError(absl::StrCat(parts...));
+}
 
 // Channels per work unit: one GCC vector of kLanes floats per cell, so every
 // channel loop is a vector operation (AVX: one instruction, SSE: two); few
@@ -66,6 +78,12 @@ typedef float Lanes __attribute__((vector_size(kLanes * sizeof(float))));
 // A plane: one Lanes per cell of an (image, channel block), row-major.
 using Plane = std::vector<Lanes>;
 const Lanes kZero = {};
+// Per-channel sums over many cells (batch statistics, the gradients of the
+// maps' scale and shift) are kept in double: a float row sum is added to
+// them once per row.
+typedef double Doubles __attribute__((vector_size(kLanes * sizeof(double))));
+
+inline Doubles Widen(const Lanes& value) { return __builtin_convertvector(value, Doubles); }
 
 enum class Boundary { kPeriodic, kNeumann, kDirichlet };
 
@@ -91,8 +109,13 @@ struct Settings {
     OP_REQUIRES_OK(context, context->GetAttr("dx", &dx));
     OP_REQUIRES_OK(context, context->GetAttr("dy", &dy));
     OP_REQUIRES_OK(context, context->GetAttr("boundary", &name));
-    OP_REQUIRES_OK(context, context->GetAttr("rectify", &rectify));
-    OP_REQUIRES_OK(context, context->GetAttr("shared_initial", &shared_initial));
+    rectify = shared_initial = false;  // unless the op has these attrs
+    if (context->HasAttr("rectify")) {
+      OP_REQUIRES_OK(context, context->GetAttr("rectify", &rectify));
+    }
+    if (context->HasAttr("shared_initial")) {
+      OP_REQUIRES_OK(context, context->GetAttr("shared_initial", &shared_initial));
+    }
     boundary = name == "periodic" ? Boundary::kPeriodic
                : name == "neumann" ? Boundary::kNeumann : Boundary::kDirichlet;
     const double t = dt, x = dx, y = dy;
@@ -174,6 +197,85 @@ inline void Store(const Lanes& value, float* target, int64_t block) {
   }
 }
 
+// Sums each of `count` per-unit, per-channel sums (`partial[unit * count + k]`)
+// over the batch, in a fixed order (deterministic, no locks): (count, channels).
+std::vector<double> SumOverBatch(const Geometry& g, const std::vector<Doubles>& partial,
+                                 int64_t count) {
+  std::vector<double> total(count * g.channels, 0.0);
+  for (int64_t index = 0; index < g.units(); ++index) {
+    const Unit unit = g.unit(index);
+    for (int64_t k = 0; k < count; ++k) {
+      const Doubles& sum = partial[index * count + k];
+      for (int64_t l = 0; l < unit.block; ++l) total[k * g.channels + unit.channel + l] += sum[l];
+    }
+  }
+  return total;
+}
+
+// Per-channel values of a (rows, channels) tensor for the unit's channels,
+// one Lanes per row (the lanes past the block zero).
+void GatherChannels(const float* tensor, int64_t rows, int64_t channels, const Unit& unit,
+                    Lanes* values) {
+  for (int64_t r = 0; r < rows; ++r) {
+    values[r] = kZero;
+    std::memcpy(&values[r], tensor + r * channels + unit.channel, unit.block * sizeof(float));
+  }
+}
+
+// A per-channel affine map, value * scale + shift: a coefficient map's
+// normalisation before its ReLU (the layer's coefficient batch norm), or the
+// share of a gradient that comes through batch statistics (StatisticsShare).
+struct Affine {
+  Lanes scale, shift;
+};
+
+// Batch statistics from per-unit moments (`partial[unit * 2 count + 2 k]` the
+// sum, `+ 1` the sum of squares of value k): the mean and the biased variance
+// per value and channel, (count, channels) each, as a batch normalisation in
+// training mode uses them.
+void WriteStatistics(const Geometry& g, const std::vector<Doubles>& partial, int64_t count,
+                     float* mean, float* variance) {
+  const std::vector<double> sums = SumOverBatch(g, partial, 2 * count);
+  const double values = static_cast<double>(g.batch * g.cells);
+  for (int64_t k = 0; k < count; ++k) {
+    for (int64_t c = 0; c < g.channels; ++c) {
+      const double m = sums[2 * k * g.channels + c] / values;
+      const double squares = sums[(2 * k + 1) * g.channels + c] / values;
+      mean[k * g.channels + c] = static_cast<float>(m);
+      variance[k * g.channels + c] = static_cast<float>(std::max(squares - m * m, 0.0));
+    }
+  }
+}
+
+// The share of a value's gradient that comes through its batch statistics:
+// d mean / d value = 1 / N and d variance / d value = 2 (value - mean) / N
+// (N values per channel), i.e. value * b + a per channel with
+// b = 2 grad_variance / N, a = grad_mean / N - b mean; (count, channels) each.
+// Returns false where every share is zero (the statistics were not used).
+bool StatisticsShare(const Geometry& g, int64_t count, const float* mean, const float* grad_mean,
+                     const float* grad_variance, std::vector<float>& a, std::vector<float>& b) {
+  const double values = static_cast<double>(g.batch * g.cells);
+  a.resize(count * g.channels), b.resize(count * g.channels);
+  bool used = false;
+  for (int64_t i = 0; i < count * g.channels; ++i) {
+    const double slope = 2.0 * grad_variance[i] / values;
+    b[i] = static_cast<float>(slope);
+    a[i] = static_cast<float>(grad_mean[i] / values - slope * mean[i]);
+    used = used || a[i] != 0.0f || b[i] != 0.0f;
+  }
+  return used;
+}
+
+// The four maps' normalisations (D_x, D_y, u, v) for the unit's channels, from
+// the (4, channels) scale and shift tensors.
+void GatherAffine(const float* scale, const float* shift, int64_t channels, const Unit& unit,
+                  Affine affine[4]) {
+  Lanes scales[4], shifts[4];
+  GatherChannels(scale, 4, channels, unit, scales);
+  GatherChannels(shift, 4, channels, unit, shifts);
+  for (int m = 0; m < 4; ++m) affine[m] = {scales[m], shifts[m]};
+}
+
 // ---------------------------------------------------------------------------
 // The solver. Every plane of a unit is held with a one-cell ghost border,
 // (height + 2) x (width + 2) cells, so the stencil's neighbours are plain
@@ -240,57 +342,56 @@ struct Grid {
   }
 
   // Copies the unit's channels of an NHWC tensor into the interior of a
-  // padded plane, ReLU'd if `rectify`.
+  // padded plane; with `rectify`, as ReLU(value * scale + shift).
   void Gather(const Geometry& g, const float* tensor, const Unit& unit, Lanes* plane,
-              bool rectify = false) const {
+              const Affine* rectify = nullptr) const {
+    const Affine identity = {kZero, kZero};
+    const Affine& affine = rectify ? *rectify : identity;
     if (unit.block == kLanes) {
-      rectify ? GatherRows<true, true>(g, tensor, unit, plane)
-              : GatherRows<true, false>(g, tensor, unit, plane);
+      rectify ? GatherRows<true, true>(g, tensor, unit, plane, affine)
+              : GatherRows<true, false>(g, tensor, unit, plane, affine);
     } else {
-      rectify ? GatherRows<false, true>(g, tensor, unit, plane)
-              : GatherRows<false, false>(g, tensor, unit, plane);
+      rectify ? GatherRows<false, true>(g, tensor, unit, plane, affine)
+              : GatherRows<false, false>(g, tensor, unit, plane, affine);
     }
   }
 
-  // The interior of a padded plane into the unit's channels of an NHWC
-  // tensor; zero where `mask` (if given) is not positive.
-  void Scatter(const Geometry& g, const Lanes* plane, const Unit& unit, float* tensor,
-               const Lanes* mask = nullptr) const {
+  // The interior of a padded plane into the unit's channels of an NHWC tensor.
+  void Scatter(const Geometry& g, const Lanes* plane, const Unit& unit, float* tensor) const {
     if (unit.block == kLanes) {
-      mask ? ScatterRows<true, true>(g, plane, unit, tensor, mask)
-           : ScatterRows<true, false>(g, plane, unit, tensor, mask);
+      ScatterRows<true>(g, plane, unit, tensor);
     } else {
-      mask ? ScatterRows<false, true>(g, plane, unit, tensor, mask)
-           : ScatterRows<false, false>(g, plane, unit, tensor, mask);
+      ScatterRows<false>(g, plane, unit, tensor);
     }
   }
 
   template <bool kFull, bool kRectify>
-  void GatherRows(const Geometry& g, const float* tensor, const Unit& unit, Lanes* plane) const {
+  void GatherRows(const Geometry& g, const float* tensor, const Unit& unit, Lanes* plane,
+                  const Affine affine) const {
     const float* base = g.Base(tensor, unit);
     const int64_t channels = g.channels, block = unit.block, rows = height, columns = width;
     for (int64_t i = 0; i < rows; ++i) {
       Lanes* r = plane + at(i, 0);
       const float* source = base + i * columns * channels;
       for (int64_t j = 0; j < columns; ++j) {
-        const Lanes value = Load<kFull>(source + j * channels, block);
-        r[j] = kRectify ? (value > 0.0f ? value : kZero) : value;
+        Lanes value = Load<kFull>(source + j * channels, block);
+        if (kRectify) {
+          value = value * affine.scale + affine.shift;
+          value = value > 0.0f ? value : kZero;
+        }
+        r[j] = value;
       }
     }
   }
 
-  template <bool kFull, bool kMask>
-  void ScatterRows(const Geometry& g, const Lanes* plane, const Unit& unit, float* tensor,
-                   const Lanes* mask) const {
+  template <bool kFull>
+  void ScatterRows(const Geometry& g, const Lanes* plane, const Unit& unit, float* tensor) const {
     float* base = g.Base(tensor, unit);
     const int64_t channels = g.channels, block = unit.block, rows = height, columns = width;
     for (int64_t i = 0; i < rows; ++i) {
       const Lanes* r = plane + at(i, 0);
-      const Lanes* m = kMask ? mask + at(i, 0) : nullptr;
       float* target = base + i * columns * channels;
-      for (int64_t j = 0; j < columns; ++j) {
-        Store<kFull>(kMask ? (m[j] > 0.0f ? r[j] : kZero) : r[j], target + j * channels, block);
-      }
+      for (int64_t j = 0; j < columns; ++j) Store<kFull>(r[j], target + j * channels, block);
     }
   }
 };
@@ -335,13 +436,17 @@ struct Forward {
   // states[k + 1] = H^k for k = 0 .. K (all of them when kept, else three
   // rotating); H^{-1} is f.
   std::vector<Plane> states;
+  // With an output: the unit's sum and sum of squares of H^K per channel
+  // (the batch statistics of the output batch norm, summed as H^K is written).
+  Doubles moments[2];
 
   // Loads the unit, computes the maps and runs the K steps. With `output`
   // (the forward op), H^K goes straight into that NHWC tensor; else every
   // state is kept (the gradient needs H^{-1} .. H^K) and H^K is returned.
+  // With s.rectify, map m is ReLU(input * affine[m].scale + affine[m].shift).
   template <bool kFull>
   const Plane* Run(const Geometry& g, const Grid& grid, const Unit& unit, const Settings& s,
-                   const float* const inputs[6], float* output) {
+                   const float* const inputs[6], const Affine affine[4], float* output) {
     const bool keep_all = output == nullptr;
     // H^0 is f (one tensor): read once.
     const bool shared = inputs[1] == inputs[0];
@@ -356,14 +461,15 @@ struct Forward {
     const bool store_maps = keep_all || s.steps > 1;
     if (store_maps) c.resize(grid.size);
     grid.Gather(g, inputs[1], unit, states[1].data());
-    grid.Gather(g, inputs[4], unit, u.data(), s.rectify);
-    grid.Gather(g, inputs[5], unit, v.data(), s.rectify);
+    grid.Gather(g, inputs[4], unit, u.data(), s.rectify ? &affine[2] : nullptr);
+    grid.Gather(g, inputs[5], unit, v.data(), s.rectify ? &affine[3] : nullptr);
     const Fill fill = FillOf(s.boundary);
     for (Plane* plane : {&states[1], &u, &v}) grid.FillBorder(plane->data(), fill);
 
     // One pass: f, D_x and D_y straight from the tensors, the maps (as in
     // solver.stencil_coefficients), and the first step.
-    const Settings k = s;  // a local copy: the stores below cannot alias it
+    const Settings k = s;  // local copies: the stores below cannot alias them
+    const Affine n_x = affine[0], n_y = affine[1];
     const int64_t row = grid.row, block = unit.block, channels = g.channels;
     const float *in_f = g.Base(inputs[0], unit), *in_dx = g.Base(inputs[2], unit),
                 *in_dy = g.Base(inputs[3], unit);
@@ -372,14 +478,18 @@ struct Forward {
     Coefficients* pc = c.data();
     Lanes* next = s.steps == 1 && !keep_all ? nullptr : states[2].data();
     float* out = s.steps == 1 && output ? g.Base(output, unit) : nullptr;
+    Doubles sum = {}, squares = {};
     for (int64_t i = 0; i < grid.height; ++i) {
       const int64_t first = grid.at(i, 0), tensor_row = i * grid.width * channels;
+      Lanes row_sum = kZero, row_squares = kZero;
       for (int64_t j = 0; j < grid.width; ++j) {
         const int64_t q = first + j, t = tensor_row + j * channels;
         const Lanes f_q = shared ? h[q] : Load<kFull>(in_f + t, block);
         Lanes d_x_q = Load<kFull>(in_dx + t, block), d_y_q = Load<kFull>(in_dy + t, block);
         if (k.rectify) {
           // ReLU: the gradient's mask is then (map > 0), as pre > 0 exactly when ReLU(pre) > 0.
+          d_x_q = d_x_q * n_x.scale + n_x.shift;
+          d_y_q = d_y_q * n_y.scale + n_y.shift;
           d_x_q = d_x_q > 0.0f ? d_x_q : kZero;
           d_y_q = d_y_q > 0.0f ? d_y_q : kZero;
         }
@@ -401,10 +511,12 @@ struct Forward {
                           m.y_previous * h[q - 1];
         if (out) {
           Store<kFull>(h_1, out + t, block);
+          row_sum += h_1, row_squares += h_1 * h_1;
         } else {
           next[q] = h_1;
         }
       }
+      if (out) sum += Widen(row_sum), squares += Widen(row_squares);
     }
     // The adjoint reads the maps across the border; the forward never does.
     if (keep_all) FillCoefficientBorder(grid, s.boundary, c.data());
@@ -420,14 +532,17 @@ struct Forward {
         float* base = g.Base(output, unit);
         for (int64_t i = 0; i < grid.height; ++i) {
           const int64_t first = grid.at(i, 0), tensor_row = i * grid.width * channels;
+          Lanes row_sum = kZero, row_squares = kZero;
           for (int64_t j = 0; j < grid.width; ++j) {
             const int64_t q = first + j;
             const Coefficients& m = pc[q];
-            Store<kFull>(m.a * previous[q] + m.driven + m.b * h_k[q] +
-                             m.x_next * h_k[q + row] + m.x_previous * h_k[q - row] +
-                             m.y_next * h_k[q + 1] + m.y_previous * h_k[q - 1],
-                         base + tensor_row + j * channels, block);
+            const Lanes h_last = m.a * previous[q] + m.driven + m.b * h_k[q] +
+                                 m.x_next * h_k[q + row] + m.x_previous * h_k[q - row] +
+                                 m.y_next * h_k[q + 1] + m.y_previous * h_k[q - 1];
+            Store<kFull>(h_last, base + tensor_row + j * channels, block);
+            row_sum += h_last, row_squares += h_last * h_last;
           }
+          sum += Widen(row_sum), squares += Widen(row_squares);
         }
         break;
       }
@@ -440,6 +555,7 @@ struct Forward {
       });
       grid.FillBorder(after_k, fill);
     }
+    moments[0] = sum, moments[1] = squares;
     return keep_all ? &states[s.steps + 1] : nullptr;
   }
 };
@@ -470,16 +586,25 @@ struct Backward {
   // u_x + v_y and of u and v so far.
   Plane g_next, g_current, g_previous, divergence, d_u, d_v;
   std::vector<Sums> sums;
+  // With s.rectify, the unit's sums for the normalisations' gradients: map m's
+  // z = input * scale + shift has dL/dshift = sum dL/dz (normalization[2 m])
+  // and dL/dscale = sum dL/dz input (normalization[2 m + 1]).
+  Doubles normalization[8];
 
   // Step k backwards: G^{k+1} (g_next, complete) flows into the sums, into
   // G^k (g_current, which holds a G^{k+2} so far unless kFirst) and G^{k-1}
   // (g_previous, overwritten). The last step (kLast, k = 0) instead writes
-  // dL/dH^0, dL/df, dL/dD_x and dL/dD_y and the planes for u and v.
+  // dL/dH^0, dL/df, dL/dD_x and dL/dD_y (through the normalisation, whose
+  // inputs it reads again) and the planes for u and v.
   template <bool kFirst, bool kLast, bool kFull>
   void Step(const Geometry& g, const Grid& grid, const Settings& settings, const Unit& unit,
-            const Forward& forward, int k, float* const outputs[6]) {
-    const Settings s = settings;  // a local copy: the stores below cannot alias it
+            const Forward& forward, int k, const float* const inputs[6], const Affine affine[4],
+            float* const outputs[6]) {
+    const Settings s = settings;  // local copies: the stores below cannot alias them
+    const Lanes scale_x = affine[0].scale, scale_y = affine[1].scale;
     const int64_t row = grid.row, block = unit.block, channels = g.channels;
+    const float *in_dx = g.Base(inputs[2], unit), *in_dy = g.Base(inputs[3], unit);
+    Doubles sums_x = {}, sums_x_in = {}, sums_y = {}, sums_y_in = {};
     const Coefficients* c = forward.c.data();
     // H^{k-1}, H^k, H^{k+1}.
     const Lanes* h_previous = k == 0 ? forward.f.data() : forward.states[k].data();
@@ -495,6 +620,7 @@ struct Backward {
     float *out_dx = g.Base(outputs[2], unit), *out_dy = g.Base(outputs[3], unit);
     for (int64_t i = 0; i < grid.height; ++i) {
       const int64_t first = grid.at(i, 0), tensor_row = i * grid.width * channels;
+      Lanes row_x = kZero, row_x_in = kZero, row_y = kZero, row_y_in = kZero;
       for (int64_t j = 0; j < grid.width; ++j) {
         const int64_t q = first + j, t = tensor_row + j * channels;
         const Lanes gq = gn[q];
@@ -530,9 +656,14 @@ struct Backward {
           Store<kFull>(into, out_h + t, block);
         }
         Lanes d_dx = sq.x * inv * s.two_dt_over_dx2, d_dy = sq.y * inv * s.two_dt_over_dy2;
-        if (s.rectify) {  // through the ReLUs: zero where the map was clamped
+        if (s.rectify) {
+          // Through the ReLUs (zero where the map was clamped) to z, then to
+          // the input of z = input * scale + shift.
           d_dx = pdx[q] > 0.0f ? d_dx : kZero;
           d_dy = pdy[q] > 0.0f ? d_dy : kZero;
+          row_x += d_dx, row_x_in += d_dx * Load<kFull>(in_dx + t, block);
+          row_y += d_dy, row_y_in += d_dy * Load<kFull>(in_dy + t, block);
+          d_dx *= scale_x, d_dy *= scale_y;
         }
         Store<kFull>(d_dx, out_dx + t, block);
         Store<kFull>(d_dy, out_dy + t, block);
@@ -540,29 +671,78 @@ struct Backward {
         du[q] = sq.x_a * inv * s.dt_over_dx;
         dv[q] = sq.y_a * inv * s.dt_over_dy;
       }
+      if (kLast && s.rectify) {
+        sums_x += Widen(row_x), sums_x_in += Widen(row_x_in);
+        sums_y += Widen(row_y), sums_y_in += Widen(row_y_in);
+      }
+    }
+    if (kLast) {
+      normalization[0] = sums_x, normalization[1] = sums_x_in;
+      normalization[2] = sums_y, normalization[3] = sums_y_in;
     }
     if (!kLast) grid.FillBorder(gc, FillOf(s.boundary));
   }
 
+  // The gradient of a velocity map (`gradient`, before its ReLU) into its
+  // output: with s.rectify masked by the ReLU, its normalisation's sums added
+  // to `sums` (dL/dshift, dL/dscale) and scaled to the map's input.
+  template <bool kFull>
+  static void ScatterVelocity(const Geometry& g, const Grid& grid, const Unit& unit,
+                              const Settings& s, const Lanes* gradient, const Lanes* map,
+                              const float* input, const Affine& affine, float* output,
+                              Doubles sums[2]) {
+    if (!s.rectify) return grid.Scatter(g, gradient, unit, output);
+    const float* in = g.Base(input, unit);
+    float* out = g.Base(output, unit);
+    const Lanes scale = affine.scale;
+    const int64_t channels = g.channels, block = unit.block;
+    Doubles total = {}, total_in = {};
+    for (int64_t i = 0; i < grid.height; ++i) {
+      const Lanes* d = gradient + grid.at(i, 0);
+      const Lanes* m = map + grid.at(i, 0);
+      const int64_t tensor_row = i * grid.width * channels;
+      Lanes row = kZero, row_in = kZero;
+      for (int64_t j = 0; j < grid.width; ++j) {
+        const int64_t t = tensor_row + j * channels;
+        const Lanes d_z = m[j] > 0.0f ? d[j] : kZero;
+        row += d_z, row_in += d_z * Load<kFull>(in + t, block);
+        Store<kFull>(d_z * scale, out + t, block);
+      }
+      total += Widen(row), total_in += Widen(row_in);
+    }
+    sums[0] = total, sums[1] = total_in;
+  }
+
+  // `share` (if given): the part of dL/dH^K that comes through H^K's batch
+  // statistics, H^K * share.scale + share.shift, added to grad_solution.
   template <bool kFull>
   void Run(const Geometry& g, const Grid& grid, const Unit& unit, const Settings& s,
-           const Forward& forward, const float* grad_solution, float* const outputs[6]) {
+           const Forward& forward, const float* const inputs[6], const Affine affine[4],
+           const float* grad_solution, const Affine* share, float* const outputs[6]) {
     for (Plane* plane : {&g_next, &g_current, &g_previous, &divergence, &d_u, &d_v}) {
       plane->resize(grid.size);
     }
     if (s.steps > 1) sums.resize(grid.size);
     grid.Gather(g, grad_solution, unit, g_next.data());
+    if (share) {
+      const Affine through_statistics = *share;
+      const Lanes* solution = forward.states[s.steps + 1].data();
+      Lanes* gradient = g_next.data();
+      ForEachCell(grid, [&](int64_t q) {
+        gradient[q] += solution[q] * through_statistics.scale + through_statistics.shift;
+      });
+    }
     grid.FillBorder(g_next.data(), FillOf(s.boundary));
     for (int k = s.steps - 1; k >= 0; --k) {
       // The last step starts the sums and G^k instead of adding to them.
       if (s.steps == 1) {
-        Step<true, true, kFull>(g, grid, s, unit, forward, k, outputs);
+        Step<true, true, kFull>(g, grid, s, unit, forward, k, inputs, affine, outputs);
       } else if (k == s.steps - 1) {
-        Step<true, false, kFull>(g, grid, s, unit, forward, k, outputs);
+        Step<true, false, kFull>(g, grid, s, unit, forward, k, inputs, affine, outputs);
       } else if (k > 0) {
-        Step<false, false, kFull>(g, grid, s, unit, forward, k, outputs);
+        Step<false, false, kFull>(g, grid, s, unit, forward, k, inputs, affine, outputs);
       } else {
-        Step<false, true, kFull>(g, grid, s, unit, forward, k, outputs);
+        Step<false, true, kFull>(g, grid, s, unit, forward, k, inputs, affine, outputs);
       }
       // Rotate: G^k is complete; G^{k-1} holds a G^{k+1} so far.
       std::swap(g_next, g_current);
@@ -580,8 +760,10 @@ struct Backward {
       du[q] += (div[q - row] - div[q + row]) * settings.half_over_dx;
       dv[q] += (div[q - 1] - div[q + 1]) * settings.half_over_dy;
     });
-    grid.Scatter(g, du, unit, outputs[4], s.rectify ? forward.u.data() : nullptr);
-    grid.Scatter(g, dv, unit, outputs[5], s.rectify ? forward.v.data() : nullptr);
+    ScatterVelocity<kFull>(g, grid, unit, s, du, forward.u.data(), inputs[4], affine[2],
+                           outputs[4], &normalization[4]);
+    ScatterVelocity<kFull>(g, grid, unit, s, dv, forward.v.data(), inputs[5], affine[3],
+                           outputs[5], &normalization[6]);
   }
 };
 
@@ -602,6 +784,16 @@ Geometry CheckInputs(OpKernelContext* context, int count) {
       context->CtxFailure(InvalidArgument("PdeKerasSolve: input ", i, " has shape ",
                                           context->input(i).shape().DebugString(),
                                           ", expected ", shape.DebugString()));
+      return Geometry(TensorShape({0, 0, 0, 0}));
+    }
+  }
+  // The maps' normalisations (inputs 6 and 7): (4, channels).
+  const TensorShape affine({4, shape.dim_size(3)});
+  for (int i : {6, 7}) {
+    if (context->input(i).shape() != affine) {
+      context->CtxFailure(InvalidArgument("PdeKerasSolve: input ", i, " has shape ",
+                                          context->input(i).shape().DebugString(),
+                                          ", expected ", affine.DebugString()));
       return Geometry(TensorShape({0, 0, 0, 0}));
     }
   }
@@ -635,11 +827,17 @@ class WorkspacePool {
 
 // Runs `work(unit, workspace)` for every unit on TensorFlow's CPU thread
 // pool; each shard (a range of units on one thread) takes a Workspace from
-// `pool`, whose buffers the shard's units reuse.
+// `pool`, whose buffers the shard's units reuse. `cost_per_unit` is in CPU
+// cycles per unit, from one-thread timings of each op on (1, 32, 32, 16)
+// inputs in cache (AVX2 build, 2.8 GHz Xeon; TensorFlow's per-op overhead
+// included): the pool splits the work only where the total outweighs its
+// ~1e5-cycle start-up cost per thread, so small calls stay on one thread.
 template <typename Workspace, typename Work>
 void ForEachUnit(OpKernelContext* context, const Geometry& g, int64_t cost_per_unit,
                  WorkspacePool<Workspace>& workspaces, Work work) {
   auto* pool = context->device()->tensorflow_cpu_worker_threads()->workers;
+  // (This overload is deprecated in TensorFlow 2.21 in favour of
+  // SchedulingParams::Adaptive, which older versions lack; it does the same.)
   pool->ParallelFor(g.units(), cost_per_unit, [&](int64_t begin, int64_t end) {
     std::unique_ptr<Workspace> workspace = workspaces.Acquire();
     for (int64_t i = begin; i < end; ++i) work(g.unit(i), *workspace);
@@ -656,19 +854,37 @@ class SolveOp : public OpKernel {
     if (!context->status().ok()) return;
     Tensor* output = nullptr;
     OP_REQUIRES_OK(context, context->allocate_output(0, context->input(0).shape(), &output));
-    if (g.units() == 0 || g.cells == 0) return;
-    const float* inputs[6];
-    for (int i = 0; i < 6; ++i) inputs[i] = context->input(i).flat<float>().data();
+    float* statistics[2];
+    for (int i = 0; i < 2; ++i) {
+      Tensor* statistic = nullptr;
+      OP_REQUIRES_OK(context, context->allocate_output(1 + i, TensorShape({g.channels}),
+                                                       &statistic));
+      statistics[i] = statistic->flat<float>().data();
+    }
+    if (g.units() == 0 || g.cells == 0) {  // the statistics of no values, as a mean of nothing
+      for (float* statistic : statistics) {
+        std::fill_n(statistic, g.channels, std::numeric_limits<float>::quiet_NaN());
+      }
+      return;
+    }
+    const float* inputs[8];
+    for (int i = 0; i < 8; ++i) inputs[i] = context->input(i).flat<float>().data();
     float* out = output->flat<float>().data();
     const Grid grid(g.height, g.width);
-    const int64_t cost = g.cells * kLanes * (30 + 15 * settings_.steps);
+    const int64_t cost = g.cells * (36 + 21 * settings_.steps);
+    std::vector<Doubles> partial(g.units() * 2);  // H^K's moments per unit
     ForEachUnit(context, g, cost, workspaces_, [&](const Unit& unit, Forward& forward) {
+      Affine affine[4];
+      GatherAffine(inputs[6], inputs[7], g.channels, unit, affine);
       if (unit.block == kLanes) {
-        forward.Run<true>(g, grid, unit, settings_, inputs, out);
+        forward.Run<true>(g, grid, unit, settings_, inputs, affine, out);
       } else {
-        forward.Run<false>(g, grid, unit, settings_, inputs, out);
+        forward.Run<false>(g, grid, unit, settings_, inputs, affine, out);
       }
+      const int64_t index = unit.image * g.blocks + unit.channel / kLanes;
+      std::copy(forward.moments, forward.moments + 2, &partial[index * 2]);
     });
+    WriteStatistics(g, partial, 1, statistics[0], statistics[1]);
   }
 
  private:
@@ -683,32 +899,75 @@ class SolveGradOp : public OpKernel {
   }
 
   void Compute(OpKernelContext* context) override {
-    const Geometry g = CheckInputs(context, 7);
+    const Geometry g = CheckInputs(context, 6);
     if (!context->status().ok()) return;
-    float* outputs[6];
-    for (int i = 0; i < 6; ++i) {
+    OP_REQUIRES(context, context->input(9).shape() == context->input(0).shape(),
+                InvalidArgument("PdeKerasSolveGrad: grad_solution has shape ",
+                                context->input(9).shape().DebugString(), ", expected ",
+                                context->input(0).shape().DebugString()));
+    for (int i : {8, 10, 11}) {
+      OP_REQUIRES(context, context->input(i).shape() == TensorShape({g.channels}),
+                  InvalidArgument("PdeKerasSolveGrad: input ", i, " has shape ",
+                                  context->input(i).shape().DebugString(), ", expected (",
+                                  g.channels, ")"));
+    }
+    float* outputs[8];
+    for (int i = 0; i < 8; ++i) {
       Tensor* output = nullptr;
       const bool empty = i == 1 && settings_.shared_initial;
-      OP_REQUIRES_OK(context, context->allocate_output(
-                                  i, empty ? TensorShape({0}) : context->input(0).shape(), &output));
+      const TensorShape& shape = i >= 6 ? context->input(i).shape() : context->input(0).shape();
+      OP_REQUIRES_OK(context, context->allocate_output(i, empty ? TensorShape({0}) : shape,
+                                                       &output));
       outputs[i] = output->flat<float>().data();
     }
+    std::fill_n(outputs[6], 4 * g.channels, 0.0f);
+    std::fill_n(outputs[7], 4 * g.channels, 0.0f);
     if (g.units() == 0 || g.cells == 0) return;
-    const float* inputs[6];
-    for (int i = 0; i < 6; ++i) inputs[i] = context->input(i).flat<float>().data();
-    const float* grad_solution = context->input(6).flat<float>().data();
+    const float* inputs[8];
+    for (int i = 0; i < 8; ++i) inputs[i] = context->input(i).flat<float>().data();
+    const float* grad_solution = context->input(9).flat<float>().data();
+    // The share of dL/dH^K through H^K's batch statistics (outputs 1 and 2).
+    std::vector<float> share_a, share_b;
+    const bool statistics_used = StatisticsShare(
+        g, 1, context->input(8).flat<float>().data(), context->input(10).flat<float>().data(),
+        context->input(11).flat<float>().data(), share_a, share_b);
     const Grid grid(g.height, g.width);
-    const int64_t cost = g.cells * kLanes * (80 + 45 * settings_.steps);
+    const int64_t cost = g.cells * (130 + 69 * settings_.steps);
+    // Per unit, the normalisations' sums (Backward::normalization).
+    std::vector<Doubles> partial(settings_.rectify ? g.units() * 8 : 0);
     ForEachUnit(context, g, cost, workspaces_,
                                     [&](const Unit& unit, ForwardAndBackward& work) {
+      Affine affine[4], share;
+      GatherAffine(inputs[6], inputs[7], g.channels, unit, affine);
+      if (statistics_used) {
+        GatherChannels(share_b.data(), 1, g.channels, unit, &share.scale);
+        GatherChannels(share_a.data(), 1, g.channels, unit, &share.shift);
+      }
+      const Affine* through_statistics = statistics_used ? &share : nullptr;
       if (unit.block == kLanes) {
-        work.forward.Run<true>(g, grid, unit, settings_, inputs, nullptr);
-        work.backward.Run<true>(g, grid, unit, settings_, work.forward, grad_solution, outputs);
+        work.forward.Run<true>(g, grid, unit, settings_, inputs, affine, nullptr);
+        work.backward.Run<true>(g, grid, unit, settings_, work.forward, inputs, affine,
+                                grad_solution, through_statistics, outputs);
       } else {
-        work.forward.Run<false>(g, grid, unit, settings_, inputs, nullptr);
-        work.backward.Run<false>(g, grid, unit, settings_, work.forward, grad_solution, outputs);
+        work.forward.Run<false>(g, grid, unit, settings_, inputs, affine, nullptr);
+        work.backward.Run<false>(g, grid, unit, settings_, work.forward, inputs, affine,
+                                 grad_solution, through_statistics, outputs);
+      }
+      if (settings_.rectify) {
+        const int64_t index = unit.image * g.blocks + unit.channel / kLanes;
+        std::copy(work.backward.normalization, work.backward.normalization + 8,
+                  &partial[index * 8]);
       }
     });
+    if (!settings_.rectify) return;
+    // normalization[2 m] -> dL/dshift[m], normalization[2 m + 1] -> dL/dscale[m].
+    const std::vector<double> sums = SumOverBatch(g, partial, 8);
+    for (int64_t m = 0; m < 4; ++m) {
+      for (int64_t c = 0; c < g.channels; ++c) {
+        outputs[7][m * g.channels + c] = static_cast<float>(sums[2 * m * g.channels + c]);
+        outputs[6][m * g.channels + c] = static_cast<float>(sums[(2 * m + 1) * g.channels + c]);
+      }
+    }
   }
 
  private:
@@ -718,11 +977,217 @@ class SolveGradOp : public OpKernel {
 
 
 // ---------------------------------------------------------------------------
+// The Global layer's output: ReLU(H^K * scale + shift), its batch norm (the
+// statistics from PdeKerasSolve, or the moving averages) and ReLU in one
+// pass; the gradient op also gives the sums for scale and shift.
+// ---------------------------------------------------------------------------
+
+// Inputs x (NHWC), scale and shift (channels), checked: the geometry.
+Geometry CheckNormalizeInputs(OpKernelContext* context, int count) {
+  const TensorShape& shape = context->input(0).shape();
+  if (shape.dims() != 4) {
+    context->CtxFailure(InvalidArgument("PdeKerasNormalizeRelu: x must be rank 4 (NHWC), got ",
+                                        shape.DebugString()));
+    return Geometry(TensorShape({0, 0, 0, 0}));
+  }
+  for (int i = 1; i < count; ++i) {
+    // scale and shift: one value per channel (any shape); then a tensor like x.
+    const bool ok = i < 3 ? context->input(i).NumElements() == shape.dim_size(3)
+                          : context->input(i).shape() == shape;
+    if (!ok) {
+      context->CtxFailure(InvalidArgument("PdeKerasNormalizeRelu: input ", i, " has shape ",
+                                          context->input(i).shape().DebugString(), ", expected ",
+                                          i < 3 ? "one value per channel of " : "",
+                                          shape.DebugString()));
+      return Geometry(TensorShape({0, 0, 0, 0}));
+    }
+  }
+  return Geometry(shape);
+}
+
+// The unit's channels of the per-channel scale (input 1) and shift (input 2).
+Affine GatherNormalization(OpKernelContext* context, const Geometry& g, const Unit& unit) {
+  Affine affine;
+  GatherChannels(context->input(1).flat<float>().data(), 1, g.channels, unit, &affine.scale);
+  GatherChannels(context->input(2).flat<float>().data(), 1, g.channels, unit, &affine.shift);
+  return affine;
+}
+
+struct NoWorkspace {};
+
+class NormalizeReluOp : public OpKernel {
+ public:
+  explicit NormalizeReluOp(OpKernelConstruction* context) : OpKernel(context) {}
+
+  void Compute(OpKernelContext* context) override {
+    const Geometry g = CheckNormalizeInputs(context, 3);
+    if (!context->status().ok()) return;
+    Tensor* output = nullptr;
+    OP_REQUIRES_OK(context, context->allocate_output(0, context->input(0).shape(), &output));
+    if (g.units() == 0 || g.cells == 0) return;
+    const float* x = context->input(0).flat<float>().data();
+    float* y = output->flat<float>().data();
+    ForEachUnit(context, g, g.cells * 7, workspaces_,
+                [&](const Unit& unit, NoWorkspace&) {
+      const Affine a = GatherNormalization(context, g, unit);
+      unit.block == kLanes ? Run<true>(g, unit, a, x, y) : Run<false>(g, unit, a, x, y);
+    });
+  }
+
+ private:
+  template <bool kFull>
+  static void Run(const Geometry& g, const Unit& unit, const Affine a, const float* x, float* y) {
+    const float* in = g.Base(x, unit);
+    float* out = g.Base(y, unit);
+    for (int64_t p = 0; p < g.cells; ++p) {
+      const Lanes z = Load<kFull>(in + p * g.channels, unit.block) * a.scale + a.shift;
+      Store<kFull>(z > 0.0f ? z : kZero, out + p * g.channels, unit.block);
+    }
+  }
+
+  WorkspacePool<NoWorkspace> workspaces_;
+};
+
+// Inputs x, scale, shift, dL/dy -> dL/dx, dL/dscale, dL/dshift.
+class NormalizeReluGradOp : public OpKernel {
+ public:
+  explicit NormalizeReluGradOp(OpKernelConstruction* context) : OpKernel(context) {}
+
+  void Compute(OpKernelContext* context) override {
+    const Geometry g = CheckNormalizeInputs(context, 4);
+    if (!context->status().ok()) return;
+    float* outputs[3];
+    for (int i = 0; i < 3; ++i) {
+      Tensor* output = nullptr;
+      OP_REQUIRES_OK(context, context->allocate_output(i, context->input(i).shape(), &output));
+      outputs[i] = output->flat<float>().data();
+    }
+    std::fill_n(outputs[1], g.channels, 0.0f);
+    std::fill_n(outputs[2], g.channels, 0.0f);
+    if (g.units() == 0 || g.cells == 0) return;
+    const float* x = context->input(0).flat<float>().data();
+    const float* dy = context->input(3).flat<float>().data();
+    std::vector<Doubles> partial(g.units() * 2);  // per unit: dL/dshift, dL/dscale
+    ForEachUnit(context, g, g.cells * 15, workspaces_,
+                [&](const Unit& unit, NoWorkspace&) {
+      const Affine a = GatherNormalization(context, g, unit);
+      Doubles* sums = &partial[(unit.image * g.blocks + unit.channel / kLanes) * 2];
+      if (unit.block == kLanes) {
+        Run<true>(g, unit, a, x, dy, outputs[0], sums);
+      } else {
+        Run<false>(g, unit, a, x, dy, outputs[0], sums);
+      }
+    });
+    const std::vector<double> sums = SumOverBatch(g, partial, 2);
+    for (int64_t c = 0; c < g.channels; ++c) {
+      outputs[2][c] = static_cast<float>(sums[c]);
+      outputs[1][c] = static_cast<float>(sums[g.channels + c]);
+    }
+  }
+
+ private:
+  template <bool kFull>
+  static void Run(const Geometry& g, const Unit& unit, const Affine a, const float* x,
+                  const float* dy, float* dx, Doubles sums[2]) {
+    const float *in = g.Base(x, unit), *gradient = g.Base(dy, unit);
+    float* out = g.Base(dx, unit);
+    Doubles total = {}, total_x = {};
+    for (int64_t i = 0; i < g.height; ++i) {
+      Lanes row = kZero, row_x = kZero;
+      for (int64_t j = 0; j < g.width; ++j) {
+        const int64_t t = (i * g.width + j) * g.channels;
+        const Lanes value = Load<kFull>(in + t, unit.block);
+        const Lanes z = value * a.scale + a.shift;
+        const Lanes d_z = z > 0.0f ? Load<kFull>(gradient + t, unit.block) : kZero;
+        row += d_z, row_x += d_z * value;
+        Store<kFull>(d_z * a.scale, out + t, unit.block);
+      }
+      total += Widen(row), total_x += Widen(row_x);
+    }
+    sums[0] = total, sums[1] = total_x;
+  }
+
+  WorkspacePool<NoWorkspace> workspaces_;
+};
+
+// ---------------------------------------------------------------------------
+// Batch norms as per-channel (scale, shift): scale = gamma / sqrt(variance +
+// epsilon), shift = beta - mean * scale, for N norms at once (their weights or
+// batch statistics given as lists), as the rows of (R, channels) tensors:
+// output row r is norm rows[r], or the identity (1, 0) where rows[r] < 0. One
+// op instead of a chain of small ones (stacks, rsqrt, products), whose
+// per-op cost dominates a batch-1 call. Its gradient is written in Python.
+// ---------------------------------------------------------------------------
+
+class NormalizationOp : public OpKernel {
+ public:
+  explicit NormalizationOp(OpKernelConstruction* context) : OpKernel(context) {
+    OP_REQUIRES_OK(context, context->GetAttr("epsilon", &epsilon_));
+    OP_REQUIRES_OK(context, context->GetAttr("rows", &rows_));
+  }
+
+  void Compute(OpKernelContext* context) override {
+    const int64_t norms = context->num_inputs() / 4;
+    OP_REQUIRES(context, static_cast<int64_t>(epsilon_.size()) == norms,
+                InvalidArgument("PdeKerasNormalization: ", epsilon_.size(), " epsilons for ",
+                                norms, " norms"));
+    const int64_t channels = context->input(0).NumElements();
+    for (int i = 0; i < context->num_inputs(); ++i) {
+      OP_REQUIRES(context, context->input(i).NumElements() == channels,
+                  InvalidArgument("PdeKerasNormalization: input ", i, " has ",
+                                  context->input(i).NumElements(), " values, expected ",
+                                  channels));
+    }
+    for (int row : rows_) {
+      OP_REQUIRES(context, row < norms,
+                  InvalidArgument("PdeKerasNormalization: row ", row, " of ", norms, " norms"));
+    }
+    const int64_t rows = rows_.size();
+    float* out[2];
+    for (int i = 0; i < 2; ++i) {
+      Tensor* output = nullptr;
+      OP_REQUIRES_OK(context, context->allocate_output(i, TensorShape({rows, channels}), &output));
+      out[i] = output->flat<float>().data();
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      const int n = rows_[r];
+      for (int64_t c = 0; c < channels; ++c) {
+        float scale = 1.0f, shift = 0.0f;
+        if (n >= 0) {
+          const float gamma = context->input(n).flat<float>()(c);
+          const float beta = context->input(norms + n).flat<float>()(c);
+          const float mean = context->input(2 * norms + n).flat<float>()(c);
+          const float variance = context->input(3 * norms + n).flat<float>()(c);
+          scale = gamma / std::sqrt(variance + epsilon_[n]);
+          shift = beta - mean * scale;
+        }
+        out[0][r * channels + c] = scale;
+        out[1][r * channels + c] = shift;
+      }
+    }
+  }
+
+ private:
+  std::vector<float> epsilon_;
+  std::vector<int> rows_;
+};
+
+// ---------------------------------------------------------------------------
 // The coefficient maps' depth-wise 3x3 convolution ("same", zero padding):
 // map_k[n, i, j, c] = sum_{a, b} x[n, i + a - 1, j + b - 1, c] kernel[a, b, c, k],
 // every map its own output (the layer's BNs take them one by one, with no
 // reshape or split of a fused tensor in between).
 // ---------------------------------------------------------------------------
+
+// The 3x3 window of a zero-bordered plane at (i, j) (`row0`: row i of the
+// padded plane, i.e. the window's top row) times the taps t[a * 3 + b].
+inline Lanes Convolve3x3(const Lanes* row0, int64_t padded_width, int64_t j, const Lanes t[9]) {
+  const Lanes* row1 = row0 + padded_width;
+  const Lanes* row2 = row1 + padded_width;
+  return row0[j] * t[0] + row0[j + 1] * t[1] + row0[j + 2] * t[2] + row1[j] * t[3] +
+         row1[j + 1] * t[4] + row1[j + 2] * t[5] + row2[j] * t[6] + row2[j + 1] * t[7] +
+         row2[j + 2] * t[8];
+}
 
 // A unit's channels of an NHWC tensor with a zero border: (height + 2) x (width + 2).
 void GatherPadded(const Geometry& g, const float* tensor, const Unit& unit, Plane& padded) {
@@ -748,8 +1213,8 @@ void GatherTaps(const float* kernel, int64_t channels, int64_t maps, const Unit&
   }
 }
 
-// What both depth-wise ops start from: the input (0) and kernel (1), checked,
-// their geometry and data.
+// What the depth-wise ops start from: the input (0) and kernel (1) unless
+// given, checked, their geometry and data.
 struct DepthwiseProblem {
   const Tensor& input;
   const Tensor& kernel;
@@ -759,8 +1224,9 @@ struct DepthwiseProblem {
   const float* w;
   int64_t padded_width;
 
-  DepthwiseProblem(OpKernelContext* context, int64_t maps)
-      : input(context->input(0)), kernel(context->input(1)), maps(maps),
+  DepthwiseProblem(OpKernelContext* context, int64_t maps, int input_index = 0,
+                   int kernel_index = 1)
+      : input(context->input(input_index)), kernel(context->input(kernel_index)), maps(maps),
         g(input.dims() == 4 ? input.shape() : TensorShape({0, 0, 0, 0})),
         x(input.flat<float>().data()), w(kernel.flat<float>().data()),
         padded_width(g.width + 2) {
@@ -775,30 +1241,50 @@ struct DepthwiseProblem {
   bool empty() const { return g.units() == 0 || g.cells == 0; }
 };
 
+// The maps also give their batch statistics (mean and biased variance per
+// map and channel, as a batch normalisation in training mode uses them),
+// summed as each map is written: the layer's coefficient batch norms then
+// need no pass of their own over the maps.
 class DepthwiseOp : public OpKernel {
  public:
   explicit DepthwiseOp(OpKernelConstruction* context) : OpKernel(context) {}
 
   void Compute(OpKernelContext* context) override {
-    const DepthwiseProblem problem(context, context->num_outputs());
+    const int64_t maps = context->num_outputs() - 2;
+    const DepthwiseProblem problem(context, maps);
     if (!context->status().ok()) return;
     const Geometry& g = problem.g;
-    const int64_t maps = problem.maps;
     std::vector<float*> outputs(maps);
     for (int64_t k = 0; k < maps; ++k) {
       Tensor* output = nullptr;
       OP_REQUIRES_OK(context, context->allocate_output(k, problem.input.shape(), &output));
       outputs[k] = output->flat<float>().data();
     }
-    if (problem.empty()) return;
-    ForEachUnit(context, g, g.cells * kLanes * 20 * maps, workspaces_,
+    float* statistics[2];
+    for (int i = 0; i < 2; ++i) {
+      Tensor* output = nullptr;
+      OP_REQUIRES_OK(context, context->allocate_output(maps + i, TensorShape({maps, g.channels}),
+                                                       &output));
+      statistics[i] = output->flat<float>().data();
+    }
+    if (problem.empty()) {  // the statistics of no values, as a mean of nothing
+      for (float* statistic : statistics) {
+        std::fill_n(statistic, maps * g.channels, std::numeric_limits<float>::quiet_NaN());
+      }
+      return;
+    }
+    // Per unit and map: the sum and the sum of squares.
+    std::vector<Doubles> partial(g.units() * 2 * maps);
+    ForEachUnit(context, g, g.cells * 15 * maps, workspaces_,
                 [&](const Unit& unit, Workspace& workspace) {
+      Doubles* moments = &partial[(unit.image * g.blocks + unit.channel / kLanes) * 2 * maps];
       if (unit.block == kLanes) {
-        Maps<true>(g, problem, unit, workspace, outputs);
+        Maps<true>(g, problem, unit, workspace, outputs, moments);
       } else {
-        Maps<false>(g, problem, unit, workspace, outputs);
+        Maps<false>(g, problem, unit, workspace, outputs, moments);
       }
     });
+    WriteStatistics(g, partial, maps, statistics[0], statistics[1]);
   }
 
  private:
@@ -807,10 +1293,11 @@ class DepthwiseOp : public OpKernel {
     std::vector<Lanes> taps;
   };
 
-  // One unit's maps, each written straight into its output.
+  // One unit's maps, each written straight into its output, and their sums
+  // and sums of squares (moments[2 k], moments[2 k + 1]).
   template <bool kFull>
   static void Maps(const Geometry& g, const DepthwiseProblem& problem, const Unit& unit,
-                   Workspace& workspace, const std::vector<float*>& outputs) {
+                   Workspace& workspace, const std::vector<float*>& outputs, Doubles* moments) {
     auto& [padded, taps] = workspace;
     const int64_t maps = problem.maps, padded_width = problem.padded_width;
     const int64_t channels = g.channels, block = unit.block;
@@ -820,33 +1307,99 @@ class DepthwiseOp : public OpKernel {
       Lanes t[9];  // a local copy: the stores below cannot alias it
       std::copy(&taps[k * 9], &taps[k * 9] + 9, t);
       float* out = g.Base(outputs[k], unit);
+      Doubles sum = {}, squares = {};
       for (int64_t i = 0; i < g.height; ++i) {
         const Lanes* row0 = &padded[i * padded_width];
-        const Lanes* row1 = row0 + padded_width;
-        const Lanes* row2 = row1 + padded_width;
         float* out_row = out + i * g.width * channels;
+        Lanes row_sum = kZero, row_squares = kZero;
         for (int64_t j = 0; j < g.width; ++j) {
-          Store<kFull>(row0[j] * t[0] + row0[j + 1] * t[1] + row0[j + 2] * t[2] +
-                           row1[j] * t[3] + row1[j + 1] * t[4] + row1[j + 2] * t[5] +
-                           row2[j] * t[6] + row2[j + 1] * t[7] + row2[j + 2] * t[8],
-                       out_row + j * channels, block);
+          const Lanes value = Convolve3x3(row0, padded_width, j, t);
+          Store<kFull>(value, out_row + j * channels, block);
+          row_sum += value;
+          row_squares += value * value;
         }
+        sum += Widen(row_sum);
+        squares += Widen(row_squares);
       }
+      moments[2 * k] = sum;
+      moments[2 * k + 1] = squares;
     }
   }
 
   WorkspacePool<Workspace> workspaces_;
 };
 
+// Inputs: x, kernel, the forward's means, then the gradients of the maps, of
+// the means and of the variances. A map's whole gradient is its own plus the
+// statistics' share, d mean / d map = 1 / N and d variance / d map =
+// 2 (map - mean) / N (N values per channel), with the map recomputed here.
+// One map's share of the depth-wise conv's gradient: `grad` (the input's,
+// unpadded cells) += the transposed conv of `padded_g` (the map's gradient,
+// zero border), and `sums` = the kernel's gradient, sum x[. + a - 1, . + b - 1] g.
+void DepthwiseBackward(int64_t height, int64_t width, const Lanes* padded_x,
+                       const Lanes* padded_g, const Lanes taps[9], Lanes* grad, Lanes sums[9]) {
+  const int64_t padded_width = width + 2;
+  Lanes t[9];  // a local copy: the stores below cannot alias it
+  std::copy(taps, taps + 9, t);
+  // Two loops, each with few enough live vectors to stay in registers.
+  for (int64_t i = 0; i < height; ++i) {
+    for (int64_t j = 0; j < width; ++j) {
+      // dx[i, j] = sum_{a, b} g[i - a + 1, j - b + 1] kernel[a, b] (padded: + 1).
+      const Lanes* g0 = &padded_g[i * padded_width + j];  // rows i - 1 .. i + 1
+      const Lanes* g1 = g0 + padded_width;
+      const Lanes* g2 = g1 + padded_width;
+      grad[i * width + j] += g2[2] * t[0] + g2[1] * t[1] + g2[0] * t[2] +
+                             g1[2] * t[3] + g1[1] * t[4] + g1[0] * t[5] +
+                             g0[2] * t[6] + g0[1] * t[7] + g0[0] * t[8];
+    }
+  }
+  Lanes s[9] = {};
+  for (int64_t i = 0; i < height; ++i) {
+    for (int64_t j = 0; j < width; ++j) {
+      // d kernel[a, b] += x[i + a - 1, j + b - 1] g[i, j].
+      const Lanes gij = padded_g[(i + 1) * padded_width + j + 1];
+      const Lanes* x0 = &padded_x[i * padded_width + j];
+      const Lanes* x1 = x0 + padded_width;
+      const Lanes* x2 = x1 + padded_width;
+      s[0] += x0[0] * gij, s[1] += x0[1] * gij, s[2] += x0[2] * gij;
+      s[3] += x1[0] * gij, s[4] += x1[1] * gij, s[5] += x1[2] * gij;
+      s[6] += x2[0] * gij, s[7] += x2[1] * gij, s[8] += x2[2] * gij;
+    }
+  }
+  std::copy(s, s + 9, sums);
+}
+
+// The kernel's gradient (3, 3, C, maps) from per-unit sums
+// (`partial[(unit * maps + k) * 9 + tap]`), added up in a fixed order.
+void WriteKernelGradient(const Geometry& g, const std::vector<Lanes>& partial, int64_t maps,
+                         float* dw) {
+  for (int64_t unit = 0; unit < g.units(); ++unit) {
+    const Unit u = g.unit(unit);
+    for (int64_t k = 0; k < maps; ++k) {
+      for (int64_t t = 0; t < 9; ++t) {
+        const Lanes& sum = partial[(unit * maps + k) * 9 + t];
+        for (int64_t l = 0; l < u.block; ++l) dw[(t * g.channels + u.channel + l) * maps + k] += sum[l];
+      }
+    }
+  }
+}
+
 class DepthwiseGradOp : public OpKernel {
  public:
   explicit DepthwiseGradOp(OpKernelConstruction* context) : OpKernel(context) {}
 
   void Compute(OpKernelContext* context) override {
-    const DepthwiseProblem problem(context, context->num_inputs() - 2);
+    const int64_t maps = context->num_inputs() - 5;
+    const DepthwiseProblem problem(context, maps);
     if (!context->status().ok()) return;
     const Geometry& g = problem.g;
-    const int64_t maps = problem.maps, padded_width = problem.padded_width;
+    const int64_t padded_width = problem.padded_width;
+    const TensorShape statistics_shape({maps, g.channels});
+    for (int i : {2, 3 + static_cast<int>(maps), 4 + static_cast<int>(maps)}) {
+      OP_REQUIRES(context, context->input(i).shape() == statistics_shape,
+                  InvalidArgument("the statistics and their gradients must be shaped (maps, "
+                                  "channels), got ", context->input(i).shape().DebugString()));
+    }
     Tensor* grad_input = nullptr;
     Tensor* grad_kernel = nullptr;
     OP_REQUIRES_OK(context, context->allocate_output(0, problem.input.shape(), &grad_input));
@@ -857,71 +1410,197 @@ class DepthwiseGradOp : public OpKernel {
     if (problem.empty()) return;
     std::vector<const float*> grads(maps);
     for (int64_t k = 0; k < maps; ++k) {
-      OP_REQUIRES(context, context->input(2 + k).shape() == problem.input.shape(),
+      OP_REQUIRES(context, context->input(3 + k).shape() == problem.input.shape(),
                   InvalidArgument("every map's gradient must be shaped like the input"));
-      grads[k] = context->input(2 + k).flat<float>().data();
+      grads[k] = context->input(3 + k).flat<float>().data();
     }
+    const float* mean = context->input(2).flat<float>().data();
+    const float* grad_mean = context->input(3 + maps).flat<float>().data();
+    const float* grad_variance = context->input(4 + maps).flat<float>().data();
+    // Per map and channel, the statistics' share as a + b * map.
+    std::vector<float> share_a, share_b;
+    const bool statistics_used =
+        StatisticsShare(g, maps, mean, grad_mean, grad_variance, share_a, share_b);
     // The kernel's gradient sums over the batch: one partial sum per unit,
     // added up in a fixed order afterwards (deterministic, no locks).
     std::vector<Lanes> partial(g.units() * 9 * maps, kZero);
-    ForEachUnit(context, g, g.cells * kLanes * 40 * maps, workspaces_,
+    ForEachUnit(context, g, g.cells * 22 * maps, workspaces_,
                 [&](const Unit& unit, Workspace& workspace) {
-      auto& [padded_x, padded_g, grad, taps] = workspace;
+      auto& [padded_x, padded_g, grad, taps, a, b] = workspace;
       GatherPadded(g, problem.x, unit, padded_x);
       GatherTaps(problem.w, g.channels, maps, unit, taps);
       grad.assign(g.cells, kZero);
       Lanes* unit_partial = &partial[(unit.image * g.blocks + unit.channel / kLanes) * 9 * maps];
+      if (statistics_used) {
+        a.resize(maps), b.resize(maps);
+        GatherChannels(share_a.data(), maps, g.channels, unit, a.data());
+        GatherChannels(share_b.data(), maps, g.channels, unit, b.data());
+      }
       for (int64_t k = 0; k < maps; ++k) {
         GatherPadded(g, grads[k], unit, padded_g);
-        Lanes t[9];  // a local copy: the stores below cannot alias it
-        std::copy(&taps[k * 9], &taps[k * 9] + 9, t);
-        // Two loops, each with few enough live vectors to stay in registers.
-        for (int64_t i = 0; i < g.height; ++i) {
-          for (int64_t j = 0; j < g.width; ++j) {
-            // dx[i, j] = sum_{a, b} g[i - a + 1, j - b + 1] kernel[a, b] (padded: + 1).
-            const Lanes* g0 = &padded_g[i * padded_width + j];  // rows i - 1 .. i + 1
-            const Lanes* g1 = g0 + padded_width;
-            const Lanes* g2 = g1 + padded_width;
-            grad[i * g.width + j] += g2[2] * t[0] + g2[1] * t[1] + g2[0] * t[2] +
-                                     g1[2] * t[3] + g1[1] * t[4] + g1[0] * t[5] +
-                                     g0[2] * t[6] + g0[1] * t[7] + g0[0] * t[8];
+        const Lanes* t = &taps[k * 9];
+        if (statistics_used) {
+          const Lanes a_k = a[k], b_k = b[k];
+          for (int64_t i = 0; i < g.height; ++i) {
+            const Lanes* x0 = &padded_x[i * padded_width];
+            Lanes* g_row = &padded_g[(i + 1) * padded_width + 1];
+            for (int64_t j = 0; j < g.width; ++j) {
+              g_row[j] += a_k + b_k * Convolve3x3(x0, padded_width, j, t);
+            }
           }
         }
-        Lanes sums[9] = {};
-        for (int64_t i = 0; i < g.height; ++i) {
-          for (int64_t j = 0; j < g.width; ++j) {
-            // d kernel[a, b] += x[i + a - 1, j + b - 1] g[i, j].
-            const Lanes gij = padded_g[(i + 1) * padded_width + j + 1];
-            const Lanes* x0 = &padded_x[i * padded_width + j];
-            const Lanes* x1 = x0 + padded_width;
-            const Lanes* x2 = x1 + padded_width;
-            sums[0] += x0[0] * gij, sums[1] += x0[1] * gij, sums[2] += x0[2] * gij;
-            sums[3] += x1[0] * gij, sums[4] += x1[1] * gij, sums[5] += x1[2] * gij;
-            sums[6] += x2[0] * gij, sums[7] += x2[1] * gij, sums[8] += x2[2] * gij;
-          }
-        }
-        std::copy(sums, sums + 9, unit_partial + k * 9);
+        DepthwiseBackward(g.height, g.width, padded_x.data(), padded_g.data(), t, grad.data(),
+                          unit_partial + k * 9);
       }
       g.Scatter(grad, unit, dx);
     });
-    for (int64_t unit = 0; unit < g.units(); ++unit) {
-      const Unit u = g.unit(unit);
-      for (int64_t k = 0; k < maps; ++k) {
-        for (int64_t t = 0; t < 9; ++t) {
-          const Lanes& sum = partial[(unit * maps + k) * 9 + t];
-          for (int64_t l = 0; l < u.block; ++l) {
-            dw[(t * g.channels + u.channel + l) * maps + k] += sum[l];
-          }
-        }
-      }
-    }
+    WriteKernelGradient(g, partial, maps, dw);
   }
 
  private:
   struct Workspace {
     Plane padded_x, padded_g, grad;
-    std::vector<Lanes> taps;
+    std::vector<Lanes> taps, a, b;
   };
+  WorkspacePool<Workspace> workspaces_;
+};
+
+// ---------------------------------------------------------------------------
+// The Global layer in inference mode as one op, PdeKerasGlobalInference:
+// per unit, the depth-wise maps (kernel map maps[r] for D_x, D_y, u, v),
+// computed from H^0, normalised and rectified as the solver reads them, the K
+// steps and the output batch norm + ReLU, with the maps and H^K only in
+// unit-local buffers: no map is written to or read back from memory, and a
+// batch-1 call is one op instead of three. scale and shift are (5, channels):
+// rows 0-3 normalise D_x, D_y, u, v, row 4 is the output's batch norm. Its
+// gradient recomputes the three-op path (fused_solver.py).
+// ---------------------------------------------------------------------------
+
+// A unit as a problem of its own: f, H^0 and the four maps (before their
+// normalisation) in unit-local buffers laid out as a one-image, one-block
+// NHWC tensor (kLocal), on which Forward and Backward run unchanged.
+struct LocalProblem {
+  static constexpr Unit kLocal = {0, 0, kLanes};
+  Plane padded, source, initial, maps[4];
+  std::vector<Lanes> taps;
+  const float* inputs[6];  // f, H^0, D_x, D_y, u, v
+
+  static Geometry Local(const Geometry& g) {
+    return Geometry(TensorShape({1, g.height, g.width, kLanes}));
+  }
+
+  void Prepare(const Geometry& g, const DepthwiseProblem& problem, const Unit& unit,
+               const float* source_tensor, bool shared, const std::vector<int>& map_of) {
+    source.resize(g.cells), initial.resize(g.cells);
+    GatherPadded(g, problem.x, unit, padded);
+    GatherTaps(problem.w, g.channels, problem.maps, unit, taps);
+    const int64_t padded_width = problem.padded_width;
+    for (int64_t i = 0; i < g.height; ++i) {
+      std::copy_n(&padded[(i + 1) * padded_width + 1], g.width, &initial[i * g.width]);
+    }
+    if (!shared) {
+      const float* base = g.Base(source_tensor, unit);
+      for (int64_t p = 0; p < g.cells; ++p) {
+        source[p] = unit.block == kLanes ? Load<true>(base + p * g.channels, kLanes)
+                                         : Load<false>(base + p * g.channels, unit.block);
+      }
+    }
+    for (int r = 0; r < 4; ++r) {
+      maps[r].resize(g.cells);
+      const Lanes* t = &taps[map_of[r] * 9];
+      for (int64_t i = 0; i < g.height; ++i) {
+        for (int64_t j = 0; j < g.width; ++j) {
+          maps[r][i * g.width + j] = Convolve3x3(&padded[i * padded_width], padded_width, j, t);
+        }
+      }
+    }
+    inputs[0] = Floats(shared ? initial : source);
+    inputs[1] = Floats(initial);
+    for (int r = 0; r < 4; ++r) inputs[2 + r] = Floats(maps[r]);
+  }
+
+  static const float* Floats(const Plane& plane) {
+    return reinterpret_cast<const float*>(plane.data());
+  }
+  static float* Floats(Plane& plane) { return reinterpret_cast<float*>(plane.data()); }
+};
+
+class GlobalInferenceOp : public OpKernel {
+ public:
+  explicit GlobalInferenceOp(OpKernelConstruction* context) : OpKernel(context) {
+    settings_.Init(context);
+    settings_.rectify = true;
+    OP_REQUIRES_OK(context, context->GetAttr("maps", &maps_));
+    OP_REQUIRES(context, maps_.size() == 4,
+                InvalidArgument(name(), ": maps must name 4 kernel maps"));
+  }
+
+ private:
+  // The inputs checked: source 0, initial 1, kernel 2, scale 3 and shift 4
+  // with `rows` rows.
+  DepthwiseProblem Check(OpKernelContext* context, int64_t rows) {
+    DepthwiseProblem problem(context, context->input(2).dims() == 4
+                                          ? context->input(2).dim_size(3) : 0, 1, 2);
+    if (!context->status().ok()) return problem;
+    auto fail = [&](auto... message) {
+      context->CtxFailure(InvalidArgument(name(), ": ", message...));
+    };
+    for (int map : maps_) {
+      if (map < 0 || map >= problem.maps) return fail("map ", map, " of ", problem.maps), problem;
+    }
+    if (context->input(0).shape() != problem.input.shape()) {
+      return fail("source and initial differ in shape"), problem;
+    }
+    for (int i : {3, 4}) {
+      if (context->input(i).shape() != TensorShape({rows, problem.g.channels})) {
+        return fail("input ", i, " must be shaped (", rows, ", ", problem.g.channels, ")"),
+               problem;
+      }
+    }
+    return problem;
+  }
+
+ public:
+  void Compute(OpKernelContext* context) override {
+    const DepthwiseProblem problem = Check(context, 5);
+    if (!context->status().ok()) return;
+    const Geometry& g = problem.g;
+    Tensor* output = nullptr;
+    OP_REQUIRES_OK(context, context->allocate_output(0, problem.input.shape(), &output));
+    if (problem.empty()) return;
+    const float* source = context->input(0).flat<float>().data();
+    const float* scale = context->input(3).flat<float>().data();
+    const float* shift = context->input(4).flat<float>().data();
+    float* out = output->flat<float>().data();
+    const Grid grid(g.height, g.width);
+    const Geometry local = LocalProblem::Local(g);
+    const int64_t cost = g.cells * (35 + 15 * problem.maps + 22 * settings_.steps);
+    ForEachUnit(context, g, cost, workspaces_, [&](const Unit& unit, Workspace& w) {
+      w.problem.Prepare(g, problem, unit, source, settings_.shared_initial, maps_);
+      w.solution.resize(g.cells);
+      Affine affine[5];  // the maps' normalisations, then the output's
+      GatherAffine(scale, shift, g.channels, unit, affine);
+      GatherChannels(scale + 4 * g.channels, 1, g.channels, unit, &affine[4].scale);
+      GatherChannels(shift + 4 * g.channels, 1, g.channels, unit, &affine[4].shift);
+      w.forward.Run<true>(local, grid, LocalProblem::kLocal, settings_, w.problem.inputs, affine,
+                          LocalProblem::Floats(w.solution));
+      const Affine output_norm = affine[4];
+      for (Lanes& value : w.solution) {
+        const Lanes z = value * output_norm.scale + output_norm.shift;
+        value = z > 0.0f ? z : kZero;
+      }
+      g.Scatter(w.solution, unit, out);
+    });
+  }
+
+ private:
+  struct Workspace {
+    LocalProblem problem;
+    Plane solution;
+    Forward forward;
+  };
+  Settings settings_;
+  std::vector<int> maps_;
   WorkspacePool<Workspace> workspaces_;
 };
 
@@ -934,7 +1613,11 @@ REGISTER_OP("PdeKerasSolve")
     .Input("diffusivity_y: float")
     .Input("velocity_x: float")
     .Input("velocity_y: float")
+    .Input("scale: float")
+    .Input("shift: float")
     .Output("solution: float")
+    .Output("mean: float")
+    .Output("variance: float")
     .Attr("steps: int >= 1")
     .Attr("dt: float")
     .Attr("dx: float")
@@ -943,8 +1626,12 @@ REGISTER_OP("PdeKerasSolve")
     .Attr("rectify: bool = false")
     .Attr("shared_initial: bool = false")
     .SetShapeFn([](::tensorflow::shape_inference::InferenceContext* c) {
-      c->set_output(0, c->input(0));
-      return ::tensorflow::OkStatus();
+      ::tensorflow::shape_inference::ShapeHandle input;
+      TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 4, &input));
+      c->set_output(0, input);
+      c->set_output(1, c->Vector(c->Dim(input, 3)));
+      c->set_output(2, c->Vector(c->Dim(input, 3)));
+      return absl::OkStatus();
     });
 
 REGISTER_OP("PdeKerasSolveGrad")
@@ -954,13 +1641,20 @@ REGISTER_OP("PdeKerasSolveGrad")
     .Input("diffusivity_y: float")
     .Input("velocity_x: float")
     .Input("velocity_y: float")
+    .Input("scale: float")
+    .Input("shift: float")
+    .Input("mean: float")
     .Input("grad_solution: float")
+    .Input("grad_mean: float")
+    .Input("grad_variance: float")
     .Output("grad_source: float")
     .Output("grad_initial: float")
     .Output("grad_diffusivity_x: float")
     .Output("grad_diffusivity_y: float")
     .Output("grad_velocity_x: float")
     .Output("grad_velocity_y: float")
+    .Output("grad_scale: float")
+    .Output("grad_shift: float")
     .Attr("steps: int >= 1")
     .Attr("dt: float")
     .Attr("dx: float")
@@ -973,32 +1667,116 @@ REGISTER_OP("PdeKerasSolveGrad")
       TF_RETURN_IF_ERROR(c->GetAttr("shared_initial", &shared_initial));
       for (int i = 0; i < 6; ++i) c->set_output(i, c->input(0));
       if (shared_initial) c->set_output(1, c->MakeShape({0}));
-      return ::tensorflow::OkStatus();
+      c->set_output(6, c->input(6));
+      c->set_output(7, c->input(7));
+      return absl::OkStatus();
     });
 
 REGISTER_OP("PdeKerasDepthwiseMaps")
     .Input("input: float")
     .Input("kernel: float")
     .Output("maps: count * float")
+    .Output("mean: float")
+    .Output("variance: float")
     .Attr("count: int >= 1")
     .SetShapeFn([](::tensorflow::shape_inference::InferenceContext* c) {
-      for (int i = 0; i < c->num_outputs(); ++i) c->set_output(i, c->input(0));
-      return ::tensorflow::OkStatus();
+      int count;
+      TF_RETURN_IF_ERROR(c->GetAttr("count", &count));
+      ::tensorflow::shape_inference::ShapeHandle input;
+      TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 4, &input));
+      for (int i = 0; i < count; ++i) c->set_output(i, input);
+      const auto statistics = c->Matrix(count, c->Dim(input, 3));
+      c->set_output(count, statistics);
+      c->set_output(count + 1, statistics);
+      return absl::OkStatus();
     });
 
 REGISTER_OP("PdeKerasDepthwiseMapsGrad")
     .Input("input: float")
     .Input("kernel: float")
+    .Input("mean: float")
     .Input("grad_maps: count * float")
+    .Input("grad_mean: float")
+    .Input("grad_variance: float")
     .Output("grad_input: float")
     .Output("grad_kernel: float")
     .Attr("count: int >= 1")
     .SetShapeFn([](::tensorflow::shape_inference::InferenceContext* c) {
       c->set_output(0, c->input(0));
       c->set_output(1, c->input(1));
-      return ::tensorflow::OkStatus();
+      return absl::OkStatus();
     });
 
+REGISTER_OP("PdeKerasNormalizeRelu")
+    .Input("x: float")
+    .Input("scale: float")
+    .Input("shift: float")
+    .Output("y: float")
+    .SetShapeFn([](::tensorflow::shape_inference::InferenceContext* c) {
+      c->set_output(0, c->input(0));
+      return absl::OkStatus();
+    });
+
+REGISTER_OP("PdeKerasNormalizeReluGrad")
+    .Input("x: float")
+    .Input("scale: float")
+    .Input("shift: float")
+    .Input("grad_y: float")
+    .Output("grad_x: float")
+    .Output("grad_scale: float")
+    .Output("grad_shift: float")
+    .SetShapeFn([](::tensorflow::shape_inference::InferenceContext* c) {
+      for (int i = 0; i < 3; ++i) c->set_output(i, c->input(i));
+      return absl::OkStatus();
+    });
+
+REGISTER_KERNEL_BUILDER(Name("PdeKerasNormalizeRelu").Device(::tensorflow::DEVICE_CPU),
+                        NormalizeReluOp);
+REGISTER_KERNEL_BUILDER(Name("PdeKerasNormalizeReluGrad").Device(::tensorflow::DEVICE_CPU),
+                        NormalizeReluGradOp);
+REGISTER_OP("PdeKerasNormalization")
+    .Input("gamma: count * float")
+    .Input("beta: count * float")
+    .Input("mean: count * float")
+    .Input("variance: count * float")
+    .Output("scale: float")
+    .Output("shift: float")
+    .Attr("count: int >= 1")
+    .Attr("epsilon: list(float)")
+    .Attr("rows: list(int)")
+    .SetShapeFn([](::tensorflow::shape_inference::InferenceContext* c) {
+      std::vector<int> rows;
+      TF_RETURN_IF_ERROR(c->GetAttr("rows", &rows));
+      const auto shape =
+          c->Matrix(static_cast<int64_t>(rows.size()), c->NumElements(c->input(0)));
+      c->set_output(0, shape);
+      c->set_output(1, shape);
+      return absl::OkStatus();
+    });
+
+REGISTER_KERNEL_BUILDER(Name("PdeKerasNormalization").Device(::tensorflow::DEVICE_CPU),
+                        NormalizationOp);
+REGISTER_OP("PdeKerasGlobalInference")
+    .Input("source: float")
+    .Input("initial: float")
+    .Input("kernel: float")
+    .Input("scale: float")
+    .Input("shift: float")
+    .Output("output: float")
+    .Attr("steps: int >= 1")
+    .Attr("dt: float")
+    .Attr("dx: float")
+    .Attr("dy: float")
+    .Attr("boundary: {'periodic', 'neumann', 'dirichlet'}")
+    .Attr("maps: list(int)")
+    .Attr("shared_initial: bool = false")
+    .SetShapeFn([](::tensorflow::shape_inference::InferenceContext* c) {
+      c->set_output(0, c->input(1));
+      return absl::OkStatus();
+    });
+
+REGISTER_KERNEL_BUILDER(Name("PdeKerasGlobalInference").Device(::tensorflow::DEVICE_CPU),
+                        GlobalInferenceOp);
 REGISTER_KERNEL_BUILDER(Name("PdeKerasDepthwiseMaps").Device(::tensorflow::DEVICE_CPU),
                         DepthwiseOp);
 REGISTER_KERNEL_BUILDER(Name("PdeKerasDepthwiseMapsGrad").Device(::tensorflow::DEVICE_CPU),

@@ -617,3 +617,26 @@ def test_layer_runs_inference_as_one_op_and_still_shows_its_maps():
     os.environ[fused_solver.ENVIRONMENT_VARIABLE] = "reference"
     for name, value in layer.coefficient_maps(x).items():
         np.testing.assert_allclose(maps[name], value, rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+@tensorflow_only
+@pytest.mark.usefixtures("restore_path")
+def test_a_frozen_batch_norm_is_honoured_on_the_compiled_path():
+    """A coefficient norm set `trainable=False` normalises with its moving
+    averages in training and leaves them, as Keras does: the compiled path
+    then runs that layer unfused, and both paths agree."""
+    x = np.random.default_rng(26).standard_normal((2, 6, 5, 3)).astype("float32")
+    results = {}
+    for path in ("compiled", "reference"):
+        os.environ[fused_solver.ENVIRONMENT_VARIABLE] = path
+        keras.utils.set_random_seed(4)
+        layer = pde_keras.GlobalLayer(steps=2)
+        layer.build(x.shape)
+        frozen = layer.branches["u"][0]
+        frozen.moving_mean.assign(np.full(3, 0.2, "float32"))
+        frozen.trainable = False
+        output = layer(x, training=True)
+        results[path] = [output] + [w.numpy() for w in layer.non_trainable_weights]
+        np.testing.assert_array_equal(frozen.moving_mean, np.full(3, 0.2, "float32"))
+    for actual, expected in zip(*results.values()):
+        np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-6)

@@ -368,9 +368,8 @@ def solve(source, initial, diffusivity, velocity, steps, dt, dx, dy, boundary, r
     import tensorflow as tf
 
     if normalization is None:  # the identity
-        channels = tf.shape(source)[-1:]
-        normalization = (tf.ones(tf.concat([[4], channels], 0)),
-                         tf.zeros(tf.concat([[4], channels], 0)))
+        shape = tf.stack([4, tf.shape(source)[-1]])
+        normalization = (tf.ones(shape), tf.zeros(shape))
     solution, mean, variance = library().pde_keras_solve(
         source, initial, diffusivity[0], diffusivity[1], velocity[0], velocity[1],
         *normalization, steps=steps, dt=dt, dx=dx, dy=dy, boundary=boundary, rectify=rectify,

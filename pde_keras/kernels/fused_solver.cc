@@ -42,7 +42,6 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <limits>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -147,6 +146,9 @@ struct Geometry {
 
   int64_t units() const { return batch * blocks; }
 
+  // The index of a unit (the inverse of unit()): where its per-unit sums go.
+  int64_t index(const Unit& unit) const { return unit.image * blocks + unit.channel / kLanes; }
+
   Unit unit(int64_t index) const {
     const int64_t channel = (index % blocks) * kLanes;
     return {index / blocks, channel, std::min(kLanes, channels - channel)};
@@ -232,7 +234,8 @@ struct Affine {
 // Batch statistics from per-unit moments (`partial[unit * 2 count + 2 k]` the
 // sum, `+ 1` the sum of squares of value k): the mean and the biased variance
 // per value and channel, (count, channels) each, as a batch normalisation in
-// training mode uses them.
+// training mode uses them. With no values (an empty batch or image) both are
+// 0 / 0, NaN, as a mean of nothing.
 void WriteStatistics(const Geometry& g, const std::vector<Doubles>& partial, int64_t count,
                      float* mean, float* variance) {
   const std::vector<double> sums = SumOverBatch(g, partial, 2 * count);
@@ -266,14 +269,20 @@ bool StatisticsShare(const Geometry& g, int64_t count, const float* mean, const 
   return used;
 }
 
-// The four maps' normalisations (D_x, D_y, u, v) for the unit's channels, from
-// the (4, channels) scale and shift tensors.
-void GatherAffine(const float* scale, const float* shift, int64_t channels, const Unit& unit,
-                  Affine affine[4]) {
-  Lanes scales[4], shifts[4];
-  GatherChannels(scale, 4, channels, unit, scales);
-  GatherChannels(shift, 4, channels, unit, shifts);
-  for (int m = 0; m < 4; ++m) affine[m] = {scales[m], shifts[m]};
+// `rows` per-channel affine maps for the unit's channels, from (rows,
+// channels) scale and shift tensors (e.g. the four maps' normalisations).
+void GatherAffine(const float* scale, const float* shift, int64_t rows, int64_t channels,
+                  const Unit& unit, Affine* affine) {
+  for (int64_t r = 0; r < rows; ++r) {
+    GatherChannels(scale + r * channels, 1, channels, unit, &affine[r].scale);
+    GatherChannels(shift + r * channels, 1, channels, unit, &affine[r].shift);
+  }
+}
+
+// ReLU(value * scale + shift): a batch norm and the ReLU after it.
+inline Lanes NormalizeRectify(const Lanes& value, const Affine& affine) {
+  const Lanes z = value * affine.scale + affine.shift;
+  return z > 0.0f ? z : kZero;
 }
 
 // ---------------------------------------------------------------------------
@@ -374,12 +383,8 @@ struct Grid {
       Lanes* r = plane + at(i, 0);
       const float* source = base + i * columns * channels;
       for (int64_t j = 0; j < columns; ++j) {
-        Lanes value = Load<kFull>(source + j * channels, block);
-        if (kRectify) {
-          value = value * affine.scale + affine.shift;
-          value = value > 0.0f ? value : kZero;
-        }
-        r[j] = value;
+        const Lanes value = Load<kFull>(source + j * channels, block);
+        r[j] = kRectify ? NormalizeRectify(value, affine) : value;
       }
     }
   }
@@ -488,10 +493,8 @@ struct Forward {
         Lanes d_x_q = Load<kFull>(in_dx + t, block), d_y_q = Load<kFull>(in_dy + t, block);
         if (k.rectify) {
           // ReLU: the gradient's mask is then (map > 0), as pre > 0 exactly when ReLU(pre) > 0.
-          d_x_q = d_x_q * n_x.scale + n_x.shift;
-          d_y_q = d_y_q * n_y.scale + n_y.shift;
-          d_x_q = d_x_q > 0.0f ? d_x_q : kZero;
-          d_y_q = d_y_q > 0.0f ? d_y_q : kZero;
+          d_x_q = NormalizeRectify(d_x_q, n_x);
+          d_y_q = NormalizeRectify(d_y_q, n_y);
         }
         if (keep_all) pf[q] = f_q, pdx[q] = d_x_q, pdy[q] = d_y_q;
         const Lanes u_x = (pu[q + row] - pu[q - row]) * k.half_over_dx;
@@ -861,27 +864,22 @@ class SolveOp : public OpKernel {
                                                        &statistic));
       statistics[i] = statistic->flat<float>().data();
     }
-    if (g.units() == 0 || g.cells == 0) {  // the statistics of no values, as a mean of nothing
-      for (float* statistic : statistics) {
-        std::fill_n(statistic, g.channels, std::numeric_limits<float>::quiet_NaN());
-      }
-      return;
-    }
+    std::vector<Doubles> partial(g.units() * 2);  // H^K's moments per unit
+    if (g.cells == 0) return WriteStatistics(g, partial, 1, statistics[0], statistics[1]);
     const float* inputs[8];
     for (int i = 0; i < 8; ++i) inputs[i] = context->input(i).flat<float>().data();
     float* out = output->flat<float>().data();
     const Grid grid(g.height, g.width);
     const int64_t cost = g.cells * (36 + 21 * settings_.steps);
-    std::vector<Doubles> partial(g.units() * 2);  // H^K's moments per unit
     ForEachUnit(context, g, cost, workspaces_, [&](const Unit& unit, Forward& forward) {
       Affine affine[4];
-      GatherAffine(inputs[6], inputs[7], g.channels, unit, affine);
+      GatherAffine(inputs[6], inputs[7], 4, g.channels, unit, affine);
       if (unit.block == kLanes) {
         forward.Run<true>(g, grid, unit, settings_, inputs, affine, out);
       } else {
         forward.Run<false>(g, grid, unit, settings_, inputs, affine, out);
       }
-      const int64_t index = unit.image * g.blocks + unit.channel / kLanes;
+      const int64_t index = g.index(unit);
       std::copy(forward.moments, forward.moments + 2, &partial[index * 2]);
     });
     WriteStatistics(g, partial, 1, statistics[0], statistics[1]);
@@ -938,10 +936,9 @@ class SolveGradOp : public OpKernel {
     ForEachUnit(context, g, cost, workspaces_,
                                     [&](const Unit& unit, ForwardAndBackward& work) {
       Affine affine[4], share;
-      GatherAffine(inputs[6], inputs[7], g.channels, unit, affine);
+      GatherAffine(inputs[6], inputs[7], 4, g.channels, unit, affine);
       if (statistics_used) {
-        GatherChannels(share_b.data(), 1, g.channels, unit, &share.scale);
-        GatherChannels(share_a.data(), 1, g.channels, unit, &share.shift);
+        GatherAffine(share_b.data(), share_a.data(), 1, g.channels, unit, &share);
       }
       const Affine* through_statistics = statistics_used ? &share : nullptr;
       if (unit.block == kLanes) {
@@ -954,7 +951,7 @@ class SolveGradOp : public OpKernel {
                                  grad_solution, through_statistics, outputs);
       }
       if (settings_.rectify) {
-        const int64_t index = unit.image * g.blocks + unit.channel / kLanes;
+        const int64_t index = g.index(unit);
         std::copy(work.backward.normalization, work.backward.normalization + 8,
                   &partial[index * 8]);
       }
@@ -1008,8 +1005,8 @@ Geometry CheckNormalizeInputs(OpKernelContext* context, int count) {
 // The unit's channels of the per-channel scale (input 1) and shift (input 2).
 Affine GatherNormalization(OpKernelContext* context, const Geometry& g, const Unit& unit) {
   Affine affine;
-  GatherChannels(context->input(1).flat<float>().data(), 1, g.channels, unit, &affine.scale);
-  GatherChannels(context->input(2).flat<float>().data(), 1, g.channels, unit, &affine.shift);
+  GatherAffine(context->input(1).flat<float>().data(), context->input(2).flat<float>().data(),
+               1, g.channels, unit, &affine);
   return affine;
 }
 
@@ -1040,8 +1037,8 @@ class NormalizeReluOp : public OpKernel {
     const float* in = g.Base(x, unit);
     float* out = g.Base(y, unit);
     for (int64_t p = 0; p < g.cells; ++p) {
-      const Lanes z = Load<kFull>(in + p * g.channels, unit.block) * a.scale + a.shift;
-      Store<kFull>(z > 0.0f ? z : kZero, out + p * g.channels, unit.block);
+      Store<kFull>(NormalizeRectify(Load<kFull>(in + p * g.channels, unit.block), a),
+                   out + p * g.channels, unit.block);
     }
   }
 
@@ -1071,7 +1068,7 @@ class NormalizeReluGradOp : public OpKernel {
     ForEachUnit(context, g, g.cells * 15, workspaces_,
                 [&](const Unit& unit, NoWorkspace&) {
       const Affine a = GatherNormalization(context, g, unit);
-      Doubles* sums = &partial[(unit.image * g.blocks + unit.channel / kLanes) * 2];
+      Doubles* sums = &partial[(g.index(unit)) * 2];
       if (unit.block == kLanes) {
         Run<true>(g, unit, a, x, dy, outputs[0], sums);
       } else {
@@ -1267,17 +1264,12 @@ class DepthwiseOp : public OpKernel {
                                                        &output));
       statistics[i] = output->flat<float>().data();
     }
-    if (problem.empty()) {  // the statistics of no values, as a mean of nothing
-      for (float* statistic : statistics) {
-        std::fill_n(statistic, maps * g.channels, std::numeric_limits<float>::quiet_NaN());
-      }
-      return;
-    }
     // Per unit and map: the sum and the sum of squares.
     std::vector<Doubles> partial(g.units() * 2 * maps);
+    if (g.cells == 0) return WriteStatistics(g, partial, maps, statistics[0], statistics[1]);
     ForEachUnit(context, g, g.cells * 15 * maps, workspaces_,
                 [&](const Unit& unit, Workspace& workspace) {
-      Doubles* moments = &partial[(unit.image * g.blocks + unit.channel / kLanes) * 2 * maps];
+      Doubles* moments = &partial[(g.index(unit)) * 2 * maps];
       if (unit.block == kLanes) {
         Maps<true>(g, problem, unit, workspace, outputs, moments);
       } else {
@@ -1329,10 +1321,6 @@ class DepthwiseOp : public OpKernel {
   WorkspacePool<Workspace> workspaces_;
 };
 
-// Inputs: x, kernel, the forward's means, then the gradients of the maps, of
-// the means and of the variances. A map's whole gradient is its own plus the
-// statistics' share, d mean / d map = 1 / N and d variance / d map =
-// 2 (map - mean) / N (N values per channel), with the map recomputed here.
 // One map's share of the depth-wise conv's gradient: `grad` (the input's,
 // unpadded cells) += the transposed conv of `padded_g` (the map's gradient,
 // zero border), and `sums` = the kernel's gradient, sum x[. + a - 1, . + b - 1] g.
@@ -1378,12 +1366,18 @@ void WriteKernelGradient(const Geometry& g, const std::vector<Lanes>& partial, i
     for (int64_t k = 0; k < maps; ++k) {
       for (int64_t t = 0; t < 9; ++t) {
         const Lanes& sum = partial[(unit * maps + k) * 9 + t];
-        for (int64_t l = 0; l < u.block; ++l) dw[(t * g.channels + u.channel + l) * maps + k] += sum[l];
+        for (int64_t l = 0; l < u.block; ++l) {
+          dw[(t * g.channels + u.channel + l) * maps + k] += sum[l];
+        }
       }
     }
   }
 }
 
+// Inputs: x, kernel, the forward's means, then the gradients of the maps, of
+// the means and of the variances. A map's whole gradient is its own plus the
+// statistics' share, d mean / d map = 1 / N and d variance / d map =
+// 2 (map - mean) / N (N values per channel), with the map recomputed here.
 class DepthwiseGradOp : public OpKernel {
  public:
   explicit DepthwiseGradOp(OpKernelConstruction* context) : OpKernel(context) {}
@@ -1430,7 +1424,7 @@ class DepthwiseGradOp : public OpKernel {
       GatherPadded(g, problem.x, unit, padded_x);
       GatherTaps(problem.w, g.channels, maps, unit, taps);
       grad.assign(g.cells, kZero);
-      Lanes* unit_partial = &partial[(unit.image * g.blocks + unit.channel / kLanes) * 9 * maps];
+      Lanes* unit_partial = &partial[(g.index(unit)) * 9 * maps];
       if (statistics_used) {
         a.resize(maps), b.resize(maps);
         GatherChannels(share_a.data(), maps, g.channels, unit, a.data());
@@ -1478,7 +1472,7 @@ class DepthwiseGradOp : public OpKernel {
 
 // A unit as a problem of its own: f, H^0 and the four maps (before their
 // normalisation) in unit-local buffers laid out as a one-image, one-block
-// NHWC tensor (kLocal), on which Forward and Backward run unchanged.
+// NHWC tensor (kLocal), on which Forward runs unchanged.
 struct LocalProblem {
   static constexpr Unit kLocal = {0, 0, kLanes};
   Plane padded, source, initial, maps[4];
@@ -1535,10 +1529,38 @@ class GlobalInferenceOp : public OpKernel {
                 InvalidArgument(name(), ": maps must name 4 kernel maps"));
   }
 
+  void Compute(OpKernelContext* context) override {
+    const DepthwiseProblem problem = Check(context);
+    if (!context->status().ok()) return;
+    const Geometry& g = problem.g;
+    Tensor* output = nullptr;
+    OP_REQUIRES_OK(context, context->allocate_output(0, problem.input.shape(), &output));
+    if (problem.empty()) return;
+    const float* source = context->input(0).flat<float>().data();
+    const float* scale = context->input(3).flat<float>().data();
+    const float* shift = context->input(4).flat<float>().data();
+    float* out = output->flat<float>().data();
+    const Grid grid(g.height, g.width);
+    const Geometry local = LocalProblem::Local(g);
+    const int64_t cost = g.cells * (35 + 15 * problem.maps + 22 * settings_.steps);
+    ForEachUnit(context, g, cost, workspaces_, [&](const Unit& unit, Workspace& w) {
+      w.problem.Prepare(g, problem, unit, source, settings_.shared_initial, maps_);
+      w.solution.resize(g.cells);
+      Affine affine[5];  // the maps' normalisations, then the output's
+      GatherAffine(scale, shift, 5, g.channels, unit, affine);
+      w.forward.Run<true>(local, grid, LocalProblem::kLocal, settings_, w.problem.inputs, affine,
+                          LocalProblem::Floats(w.solution));
+      const Affine output_norm = affine[4];
+      for (Lanes& value : w.solution) value = NormalizeRectify(value, output_norm);
+      g.Scatter(w.solution, unit, out);
+    });
+  }
+
  private:
   // The inputs checked: source 0, initial 1, kernel 2, scale 3 and shift 4
-  // with `rows` rows.
-  DepthwiseProblem Check(OpKernelContext* context, int64_t rows) {
+  // with five rows each.
+  DepthwiseProblem Check(OpKernelContext* context) {
+    const int64_t rows = 5;
     DepthwiseProblem problem(context, context->input(2).dims() == 4
                                           ? context->input(2).dim_size(3) : 0, 1, 2);
     if (!context->status().ok()) return problem;
@@ -1560,40 +1582,6 @@ class GlobalInferenceOp : public OpKernel {
     return problem;
   }
 
- public:
-  void Compute(OpKernelContext* context) override {
-    const DepthwiseProblem problem = Check(context, 5);
-    if (!context->status().ok()) return;
-    const Geometry& g = problem.g;
-    Tensor* output = nullptr;
-    OP_REQUIRES_OK(context, context->allocate_output(0, problem.input.shape(), &output));
-    if (problem.empty()) return;
-    const float* source = context->input(0).flat<float>().data();
-    const float* scale = context->input(3).flat<float>().data();
-    const float* shift = context->input(4).flat<float>().data();
-    float* out = output->flat<float>().data();
-    const Grid grid(g.height, g.width);
-    const Geometry local = LocalProblem::Local(g);
-    const int64_t cost = g.cells * (35 + 15 * problem.maps + 22 * settings_.steps);
-    ForEachUnit(context, g, cost, workspaces_, [&](const Unit& unit, Workspace& w) {
-      w.problem.Prepare(g, problem, unit, source, settings_.shared_initial, maps_);
-      w.solution.resize(g.cells);
-      Affine affine[5];  // the maps' normalisations, then the output's
-      GatherAffine(scale, shift, g.channels, unit, affine);
-      GatherChannels(scale + 4 * g.channels, 1, g.channels, unit, &affine[4].scale);
-      GatherChannels(shift + 4 * g.channels, 1, g.channels, unit, &affine[4].shift);
-      w.forward.Run<true>(local, grid, LocalProblem::kLocal, settings_, w.problem.inputs, affine,
-                          LocalProblem::Floats(w.solution));
-      const Affine output_norm = affine[4];
-      for (Lanes& value : w.solution) {
-        const Lanes z = value * output_norm.scale + output_norm.shift;
-        value = z > 0.0f ? z : kZero;
-      }
-      g.Scatter(w.solution, unit, out);
-    });
-  }
-
- private:
   struct Workspace {
     LocalProblem problem;
     Plane solution;

@@ -74,8 +74,8 @@ class DepthwiseMaps(keras.layers.Layer):
 
     def call(self, inputs):
         if fused_solver.use_compiled(inputs.dtype):
-            maps, mean, variance = fused_solver.depthwise_maps(inputs, self.conv.kernel,
-                                                               statistics=True)
+            maps, mean, variance, _ = fused_solver.depthwise_maps(inputs, self.conv.kernel,
+                                                                  statistics=True)
             return [*maps, mean, variance]
         return self.conv(inputs)
 

@@ -84,12 +84,19 @@ def _log_once(message):
 
 
 def _instruction_set_flags():
-    """`-mavx2 -mfma` where this CPU has them (the kernel's vectors double in width)."""
+    """`-mavx2 -mfma` where this CPU has them (the kernel's vectors double in
+    width), and AVX-512's encoding where it has that too: still 8-float
+    vectors (`-mprefer-vector-width=256`), but 32 vector registers instead of
+    16, so the kernel's many-tap loops keep their taps and sums in registers."""
     try:
         cpu_flags = set(pathlib.Path("/proc/cpuinfo").read_text().split())
     except OSError:
         return []
-    return ["-mavx2", "-mfma"] if {"avx2", "fma"} <= cpu_flags else []
+    if not {"avx2", "fma"} <= cpu_flags:
+        return []
+    if {"avx512f", "avx512vl"} <= cpu_flags:
+        return ["-mavx2", "-mfma", "-mavx512f", "-mavx512vl", "-mprefer-vector-width=256"]
+    return ["-mavx2", "-mfma"]
 
 
 def _cache_directory(tensorflow_version, source_digest):
@@ -147,22 +154,43 @@ def _register_gradient(tf, library):
 
     @tf.RegisterGradient("PdeKerasSolve")
     def _solve_gradient(op, *grads):
-        attrs = {name: op.get_attr(name)
-                 for name in ("steps", "dt", "dx", "dy", "boundary", "rectify", "shared_initial")}
+        attrs = {name: op.get_attr(name) for name in (
+            "steps", "dt", "dx", "dy", "boundary", "rectify", "shared_initial", "depthwise")}
         grad_solution, grad_mean, grad_variance = zeros_for_none(op, grads)
-        grads = library.pde_keras_solve_grad(*op.inputs, op.outputs[1], grad_solution, grad_mean,
-                                             grad_variance, **attrs)
+        grads = library.pde_keras_solve_grad(*op.inputs[:8], op.outputs[1], grad_solution,
+                                             grad_mean, grad_variance, op.inputs[8:], **attrs)
+        grads = [*grads[:8], *grads[8]]
+        # Empty outputs (None here): dL/dH^0 when one tensor is both f and H^0
+        # (its whole gradient is the first output, so no sum of two copies
+        # follows), and each depth-wise map's, whose share went into dL/dH^0
+        # and the kernel's gradient.
         if attrs["shared_initial"]:
-            # One tensor is both f and H^0: its whole gradient is the first
-            # output (the second is empty), so no sum of two copies follows.
-            return [grads[0], None, *grads[2:]]
+            grads[1] = None
+        for m, row in enumerate(attrs["depthwise"]):
+            if row >= 0:
+                grads[2 + m] = None
         return grads
 
     @tf.RegisterGradient("PdeKerasDepthwiseMaps")
     def _depthwise_gradient(op, *grads):
         *grad_maps, grad_mean, grad_variance = zeros_for_none(op, grads)
         return library.pde_keras_depthwise_maps_grad(
-            op.inputs[0], op.inputs[1], op.outputs[-2], grad_maps, grad_mean, grad_variance)
+            op.inputs[0], op.inputs[1], op.outputs[-2], grad_maps, grad_mean, grad_variance, [])
+
+    @tf.RegisterGradient("PdeKerasDepthwiseStatistics")
+    def _depthwise_statistics_gradient(op, grad_input, grad_mean, grad_variance):
+        inputs, kernel, mean, _ = op.inputs
+        if grad_mean is None and grad_variance is None:
+            return [grad_input, None, None, None]
+        grad_mean, grad_variance = (tf.zeros_like(mean) if grad is None else grad
+                                    for grad in (grad_mean, grad_variance))
+        # The statistics' share alone (every map's own gradient empty: zero),
+        # written onto the gradient of the input passed through.
+        empty = [tf.zeros((0,))] * int(kernel.shape[-1])
+        grads = library.pde_keras_depthwise_maps_grad(
+            inputs, kernel, mean, empty, grad_mean, grad_variance,
+            [] if grad_input is None else [grad_input])
+        return [*grads, None, None]
 
     @tf.RegisterGradient("PdeKerasNormalization")
     def _normalization_gradient(op, grad_scale, grad_shift):
@@ -281,14 +309,24 @@ def depthwise_maps(inputs, kernel, statistics=False):
     `kernel` (3, 3, channels, maps): a list of `maps` tensors shaped like
     `inputs`, map k from `kernel[..., k]`.
 
-    With `statistics`, returns `(maps, mean, variance)`: also each map's batch
-    mean and biased variance per channel, `(maps, channels)` each (what a
-    batch normalisation in training mode normalises with), summed by the
-    kernel as it writes the maps, differentiable like the maps.
+    With `statistics`, returns `(maps, mean, variance, inputs)`: also each
+    map's batch mean and biased variance per channel, `(maps, channels)`
+    each (what a batch normalisation in training mode normalises with),
+    summed by the kernel as it writes the maps, differentiable like the
+    maps; and `inputs` passed through: the same values, whose gradient the
+    statistics' share is written onto in place (where the solver takes
+    them, as `solve(..., depthwise=...)` does, no sum of two gradients of
+    the inputs follows).
     """
     maps, mean, variance = library().pde_keras_depthwise_maps(
         inputs, kernel, count=int(kernel.shape[-1]))
-    return (list(maps), mean, variance) if statistics else list(maps)
+    if not statistics:
+        return list(maps)
+    # The statistics' gradient from an op of their own: the maps' op then
+    # gets none where the maps have none of their own.
+    inputs, mean, variance = library().pde_keras_depthwise_statistics(
+        inputs, kernel, mean, variance)
+    return list(maps), mean, variance, inputs
 
 
 def normalization(norms, statistics=None, rows=None):
@@ -358,22 +396,33 @@ def _update_moving_averages(norm, mean, variance):
 
 
 def solve(source, initial, diffusivity, velocity, steps, dt, dx, dy, boundary, rectify=False,
-          normalization=None, statistics=False):
+          normalization=None, statistics=False, depthwise=None):
     """H^K from the kernel; every tensor float32 and shaped like `source`;
     `rectify`: ReLU the four coefficient maps (D_x, D_y, u, v) first, after
     `normalization` = (scale, shift), `(4, channels)` each, if given: map m
     becomes ReLU(map * scale[m] + shift[m]). With `statistics`, returns
     `(H^K, mean, variance)`: also H^K's batch mean and biased variance per
-    channel (summed as the kernel writes H^K), differentiable like H^K."""
+    channel (summed as the kernel writes H^K), differentiable like H^K.
+
+    `depthwise = (kernel, rows)` says that map m (of D_x, D_y, u, v) is
+    `depthwise_maps(initial, kernel)[rows[m]]` where `rows[m] >= 0` (each
+    row at most once; -1: a map of its own). The gradient then takes those
+    maps' share through the conv itself, into the gradients of `initial`
+    and `kernel`, while the unit is in cache (no map's gradient is written
+    out and read back); the maps themselves get none from here. So the
+    maps must be exactly those outputs, and the solver their only consumer
+    that a gradient is asked through."""
     import tensorflow as tf
 
     if normalization is None:  # the identity
         shape = tf.stack([4, tf.shape(source)[-1]])
         normalization = (tf.ones(shape), tf.zeros(shape))
+    kernel, rows = depthwise if depthwise is not None else (None, [])
     solution, mean, variance = library().pde_keras_solve(
         source, initial, diffusivity[0], diffusivity[1], velocity[0], velocity[1],
-        *normalization, steps=steps, dt=dt, dx=dx, dy=dy, boundary=boundary, rectify=rectify,
-        shared_initial=source is initial)
+        *normalization, [] if kernel is None else [kernel], steps=steps, dt=dt, dx=dx, dy=dy,
+        boundary=boundary, rectify=rectify, shared_initial=source is initial,
+        depthwise=[int(row) for row in rows])
     return (solution, mean, variance) if statistics else solution
 
 

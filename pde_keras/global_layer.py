@@ -271,17 +271,21 @@ class GlobalLayer(HasLayerOptions, keras.layers.Layer):
         return training is None or training is False  # (not a symbolic flag)
 
     def _coefficients(self, initial, training):
-        """Returns (maps, pre_activation, normalization): D_x, D_y, u, v from H^0.
+        """Returns (maps, pre_activation, normalization, solver_initial): D_x,
+        D_y, u, v from H^0, and H^0 as the solver should take it.
 
         Learned maps are float32 tensors; constant ones are python floats.
         `pre_activation` holds the learned maps before their ReLU, as the
         solver takes them. `normalization` is None, or on the fused path
         `(scale, shift)` for `fused_solver.solve`: then the depth-wise maps in
-        `pre_activation` are before their batch norm too.
+        `pre_activation` are before their batch norm too, and
+        `solver_initial` is H^0 passed through the maps' statistics op
+        (see `fused_solver.depthwise_maps`); else it is `initial`.
         """
-        maps, pre_activation, normalization = {}, {}, None
+        maps, pre_activation, normalization, solver_initial = {}, {}, None, initial
         if self._fused_norms(initial, training):
-            pre_activation, normalization = self._fused_depthwise(initial, training)
+            pre_activation, normalization, solver_initial = self._fused_depthwise(
+                initial, training)
         branch_inputs = (self._split_depthwise(initial)
                          if self.depthwise_maps and normalization is None else {})
         for map_name, branch in self.branches.items():
@@ -301,39 +305,47 @@ class GlobalLayer(HasLayerOptions, keras.layers.Layer):
         elif self.diffusivity == "perona_malik":
             maps["Dx"] = maps["Dy"] = solver.perona_malik_diffusivity(
                 initial32, self.perona_malik_lambda, self.boundary)
-        return maps, pre_activation, normalization
+        return maps, pre_activation, normalization, solver_initial
 
     def _fused_depthwise(self, initial, training):
-        """The depth-wise maps before their batch norms, and the norms as the
-        solver's `(scale, shift)` rows (the identity for the other maps)."""
+        """The depth-wise maps before their batch norms, the norms as the
+        solver's `(scale, shift)` rows (the identity for the other maps), and
+        H^0 passed through the maps' statistics op, for the solver."""
         norms = [self.branches[name][0] for name in self.depthwise_maps]
-        raw, mean, variance = fused_solver.depthwise_maps(
+        raw, mean, variance, solver_initial = fused_solver.depthwise_maps(
             initial, self.coefficient_conv.kernel, statistics=True)
-        rows = [self.depthwise_maps.index(name) if name in self.depthwise_maps else -1
-                for name in _SOLVER_MAPS]
         normalization = fused_solver.normalization(
-            norms, (mean, variance) if training is True else None, rows)
-        return dict(zip(self.depthwise_maps, raw)), normalization
+            norms, (mean, variance) if training is True else None, self._solver_rows())
+        return dict(zip(self.depthwise_maps, raw)), normalization, solver_initial
+
+    def _solver_rows(self):
+        """For each of the solver's maps, its index among the depth-wise conv's
+        maps (-1: not a depth-wise map)."""
+        return [self.depthwise_maps.index(name) if name in self.depthwise_maps else -1
+                for name in _SOLVER_MAPS]
 
     def _fused_inference(self, inputs, initial):
         """The output in inference mode, one compiled op (every map depth-wise)."""
         norms = [self.branches[name][0] for name in _SOLVER_MAPS] + [self.output_bn]
-        rows = [self.depthwise_maps.index(name) for name in _SOLVER_MAPS]
         return fused_solver.global_inference(
-            inputs, initial, self.coefficient_conv.kernel, rows, fused_solver.normalization(norms),
+            inputs, initial, self.coefficient_conv.kernel, self._solver_rows(),
+            fused_solver.normalization(norms),
             self.steps, dt=self.dt, dx=self.dx, dy=self.dy, boundary=self.boundary)
 
     def _fused_solve(self, inputs, initial, given, normalization, training):
         """(H^K, output) from the compiled solver, which normalises the maps
         by `normalization` and sums H^K's batch statistics, and one pass of
-        the output batch norm + ReLU (all float32 on this path)."""
+        the output batch norm + ReLU (all float32 on this path). The
+        depth-wise maps' gradient goes through their conv inside the
+        solver's gradient."""
         # Learned maps are full tensors already; constants become full maps.
         d_x, d_y, u, v = (solver.broadcast_like(given[name], inputs)
                           if isinstance(given[name], (int, float)) else given[name]
                           for name in _SOLVER_MAPS)
         solution, mean, variance = fused_solver.solve(
             inputs, initial, (d_x, d_y), (u, v), self.steps, dt=self.dt, dx=self.dx, dy=self.dy,
-            boundary=self.boundary, rectify=True, normalization=normalization, statistics=True)
+            boundary=self.boundary, rectify=True, normalization=normalization, statistics=True,
+            depthwise=(self.coefficient_conv.kernel, self._solver_rows()))
         scale, shift = fused_solver.normalization(
             [self.output_bn], ([mean], [variance]) if training is True else None)
         return solution, fused_solver.normalize_relu(solution, scale, shift)
@@ -343,12 +355,16 @@ class GlobalLayer(HasLayerOptions, keras.layers.Layer):
         if not inspect and training is not True and len(self.depthwise_maps) == 4 and (
                 self._fused_norms(initial, training)):
             return (self._fused_inference(inputs, initial),)
-        maps, pre_activation, normalization = self._coefficients(initial, training)
+        maps, pre_activation, normalization, solver_initial = self._coefficients(
+            initial, training)
         # The solver applies the learned maps' ReLU itself (in the compiled
         # kernel's pass over the maps); the other maps are >= 0 already.
         given = {**maps, **pre_activation}
         if normalization is not None:
-            solution, output = self._fused_solve(inputs, initial, given, normalization, training)
+            # (f is H^0 without an init block: then one tensor for both.)
+            source = solver_initial if inputs is initial else inputs
+            solution, output = self._fused_solve(source, solver_initial, given, normalization,
+                                                 training)
         else:
             solution = solver.solve_advection_diffusion(
                 ops.cast(inputs, "float32"), ops.cast(initial, "float32"),

@@ -362,7 +362,8 @@ def _moments(values):
 
 
 def _gradients(compute, inputs, weights):
-    """The outputs of `compute(*inputs)` and d(sum_i sum(output_i * weights_i))/d inputs."""
+    """The outputs of `compute(*inputs)` and d(sum_i sum(output_i * weights_i))/d inputs
+    (None for an input the outputs do not depend on)."""
     import tensorflow as tf
 
     inputs = [tf.constant(value) for value in inputs]
@@ -370,7 +371,8 @@ def _gradients(compute, inputs, weights):
         tape.watch(inputs)
         outputs = compute(*inputs)
         loss = sum(tf.reduce_sum(o * w) for o, w in zip(outputs, weights))
-    return [o.numpy() for o in outputs] + [g.numpy() for g in tape.gradient(loss, inputs)]
+    grads = tape.gradient(loss, inputs)
+    return [o.numpy() for o in outputs] + [None if g is None else g.numpy() for g in grads]
 
 
 def _weights_like(arrays, seed):
@@ -384,8 +386,9 @@ def test_depthwise_statistics_match_numpy(shape, maps):
     rng = np.random.default_rng(11)
     x = (rng.standard_normal(shape) + 0.5).astype("float32")
     kernel = rng.standard_normal((3, 3, shape[-1], maps)).astype("float32")
-    outputs, mean, variance = fused_solver.depthwise_maps(x, kernel, statistics=True)
+    outputs, mean, variance, passed = fused_solver.depthwise_maps(x, kernel, statistics=True)
     assert tuple(mean.shape) == tuple(variance.shape) == (maps, shape[-1])
+    np.testing.assert_array_equal(passed, x)
     for k, output in enumerate(outputs):
         expected_mean, expected_variance = _moments(output.numpy())
         np.testing.assert_allclose(mean[k], expected_mean, rtol=1e-5, atol=1e-6)
@@ -394,29 +397,113 @@ def test_depthwise_statistics_match_numpy(shape, maps):
 
 @tensorflow_only
 @pytest.mark.parametrize("shape, maps", [((2, 7, 9, 3), 4), ((1, 4, 6, 11), 2)])
-def test_depthwise_statistics_gradients_match_tensorflow(shape, maps):
-    """Gradients through the maps and their statistics at once, against
-    tf.nn.depthwise_conv2d and tf.nn.moments."""
+@pytest.mark.parametrize("graph", [False, True])
+@pytest.mark.parametrize("through", ["maps_and_statistics", "statistics"])
+def test_depthwise_statistics_gradients_match_tensorflow(shape, maps, through, graph):
+    """Gradients through the maps, their statistics and the input passed
+    through at once, or through the statistics and the input alone (the
+    statistics' own gradient path, as when the solver takes the maps'),
+    against tf.nn.depthwise_conv2d and tf.nn.moments."""
     import tensorflow as tf
 
     rng = np.random.default_rng(12)
     x = rng.standard_normal(shape).astype("float32")
     kernel = rng.standard_normal((3, 3, shape[-1], maps)).astype("float32")
-    weights = _weights_like([x] * maps + [np.zeros((maps, shape[-1]))] * 2, 13)
+    statistics_shape = np.zeros((maps, shape[-1]))
+    weights = _weights_like([x] + [statistics_shape] * 2 + [x] * maps, 13)
+    with_maps = through == "maps_and_statistics"
 
     def compiled(x, kernel):
-        outputs, mean, variance = fused_solver.depthwise_maps(x, kernel, statistics=True)
-        return outputs + [mean, variance]
+        outputs, mean, variance, passed = fused_solver.depthwise_maps(x, kernel, statistics=True)
+        return [passed, mean, variance] + (outputs if with_maps else [])
 
     def reference(x, kernel):
         fused = tf.nn.depthwise_conv2d(x, kernel, (1, 1, 1, 1), "SAME")
         outputs = tf.unstack(tf.reshape(fused, shape + (maps,)), axis=-1)
         mean, variance = tf.nn.moments(tf.stack(outputs), axes=(1, 2, 3))
-        return outputs + [mean, variance]
+        return [x, mean, variance] + (outputs if with_maps else [])
 
+    if graph:
+        compiled = tf.function(compiled)
     for actual, expected in zip(_gradients(compiled, [x, kernel], weights),
                                 _gradients(reference, [x, kernel], weights)):
         assert _max_relative_error(actual, expected) <= 1e-5
+
+
+@tensorflow_only
+@pytest.mark.parametrize("shape", [(2, 7, 9, 3), (1, 1, 6, 9), (3, 6, 1, 5), (3, 1, 1, 2),
+                                   (2, 2, 3, 8), (2, 32, 32, 16)])
+def test_statistics_gradient_alone_matches_tensorflow(shape):
+    """The statistics' share of the gradient alone (computed without any map:
+    a 5x5 conv and lag products, edges corrected), odd shapes included."""
+    import tensorflow as tf
+
+    maps = 4
+    rng = np.random.default_rng(31)
+    x = (rng.standard_normal(shape) + 0.3).astype("float32")
+    kernel = rng.standard_normal((3, 3, shape[-1], maps)).astype("float32")
+    weights = _weights_like([np.zeros((maps, shape[-1]))] * 2, 32)
+
+    @tf.function
+    def compiled(x, kernel):
+        return fused_solver.depthwise_maps(x, kernel, statistics=True)[1:3]
+
+    def reference(x, kernel):
+        fused = tf.nn.depthwise_conv2d(x, kernel, (1, 1, 1, 1), "SAME")
+        return tf.nn.moments(tf.reshape(fused, shape + (maps,)), axes=(0, 1, 2, 3)[:3])
+
+    def transposed(x, kernel):  # moments come out (channels, maps)
+        return [tf.transpose(m) for m in reference(x, kernel)]
+
+    for actual, expected in zip(_gradients(compiled, [x, kernel], weights),
+                                _gradients(transposed, [x, kernel], weights)):
+        assert _max_relative_error(actual, expected) <= 1e-5
+
+
+@tensorflow_only
+@pytest.mark.parametrize("shape", [(2, 7, 9, 3), (1, 1, 6, 9), (2, 8, 8, 16)])
+@pytest.mark.parametrize("steps, boundary", [(1, "periodic"), (2, "neumann"), (5, "dirichlet")])
+@pytest.mark.parametrize("rows, shared", [([0, 1, 2, 3], True), ([-1, -1, 1, 0], True),
+                                          ([2, -1, 0, -1], False)])
+def test_solver_takes_the_depthwise_maps_gradient_through_their_conv(shape, steps, boundary,
+                                                                     rows, shared):
+    """solve(..., depthwise=(kernel, rows)) against the same maps whose
+    gradient goes back through the depth-wise op: the solution, its
+    statistics and the gradients of f, H^0, the kernel, the normalisation and
+    the other maps (some maps given, a kernel map unused, f separate)."""
+    import tensorflow as tf
+
+    rng = np.random.default_rng(41)
+    f, h0, *given = _problem(shape, seed=42)
+    kernel = (0.4 * rng.standard_normal((3, 3, shape[-1], max(rows) + 1))).astype("float32")
+    scale, shift = _normalization(shape[-1], 43)
+    options = dict(dt=0.2, dx=1.0, dy=1.0, boundary=boundary)
+    weights = _weights_like([f, np.zeros(shape[-1]), np.zeros(shape[-1])], 44)
+
+    def run(through_conv):
+        @tf.function
+        def compute(f, h0, kernel, scale, shift, *given):
+            maps, mean, variance, initial = fused_solver.depthwise_maps(h0, kernel,
+                                                                        statistics=True)
+            source = initial if shared else f
+            d_x, d_y, u, v = (maps[r] if r >= 0 else given[m] for m, r in enumerate(rows))
+            # Normalised with the maps' own statistics, as the layer does.
+            scale = scale * tf.math.rsqrt(tf.reduce_mean(variance) + 1.0)
+            shift = shift - 0.1 * tf.reduce_mean(mean)
+            return fused_solver.solve(
+                source, initial, (d_x, d_y), (u, v), steps, rectify=True,
+                normalization=(scale, shift), statistics=True,
+                depthwise=(kernel, rows) if through_conv else None, **options)
+        return _gradients(compute, [f, h0, kernel, scale, shift, *given], weights)
+
+    names = ["H^K", "mean", "variance", "f", "H^0", "kernel", "scale", "shift",
+             "D_x", "D_y", "u", "v"]
+    for name, row, actual, expected in zip(names, [-1] * 8 + rows, run(True), run(False)):
+        if name == "f" and shared or row >= 0:  # (not used: f is H^0, or the map is)
+            assert actual is None and expected is None
+            continue
+        error = _max_relative_error(actual, expected)
+        assert error <= 1e-5, f"{name}: max relative error {error:.2e}"
 
 
 def _normalization(channels, seed):
@@ -517,8 +604,24 @@ def test_kernels_reject_mismatched_shapes():
     x = tf.zeros((1, 4, 5, 3))
     with pytest.raises(tf.errors.InvalidArgumentError, match=r"input 6 has shape \[4,2\], "
                                                               r"expected \[4,3\]"):
-        library.pde_keras_solve(x, x, x, x, x, x, tf.ones((4, 2)), tf.zeros((4, 3)), steps=1,
-                                dt=0.2, dx=1.0, dy=1.0, boundary="periodic")
+        library.pde_keras_solve(x, x, x, x, x, x, tf.ones((4, 2)), tf.zeros((4, 3)), [],
+                                steps=1, dt=0.2, dx=1.0, dy=1.0, boundary="periodic")
+    solve = dict(dt=0.2, dx=1.0, dy=1.0, boundary="periodic", steps=1)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="depthwise names kernel map 0 twice"):
+        library.pde_keras_solve(x, x, x, x, x, x, tf.ones((4, 3)), tf.zeros((4, 3)),
+                                [tf.zeros((3, 3, 3, 2))], depthwise=[0, 0, -1, -1], **solve)
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match="depthwise maps need exactly one kernel, other maps none"):
+        library.pde_keras_solve(x, x, x, x, x, x, tf.ones((4, 3)), tf.zeros((4, 3)), [],
+                                depthwise=[0, 1, -1, -1], **solve)
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=r"depthwise names kernel map 2 of 2"):
+        library.pde_keras_solve(x, x, x, x, x, x, tf.ones((4, 3)), tf.zeros((4, 3)),
+                                [tf.zeros((3, 3, 3, 2))], depthwise=[0, 2, -1, -1], **solve)
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=r"kernel must be shaped \(3, 3, 3, maps\), got \[3,3,2,2\]"):
+        library.pde_keras_solve(x, x, x, x, x, x, tf.ones((4, 3)), tf.zeros((4, 3)),
+                                [tf.zeros((3, 3, 2, 2))], depthwise=[0, 1, -1, -1], **solve)
     with pytest.raises(tf.errors.InvalidArgumentError,
                        match=r"input 1 has shape \[2\], expected one value per channel of "
                              r"\[1,4,5,3\]"):
@@ -528,7 +631,16 @@ def test_kernels_reject_mismatched_shapes():
                                         epsilon=[1e-3, 1e-3], rows=[0])
     with pytest.raises(tf.errors.InvalidArgumentError, match="statistics and their gradients"):
         library.pde_keras_depthwise_maps_grad(x, tf.zeros((3, 3, 3, 2)), tf.zeros((2, 2)),
-                                              [x, x], tf.zeros((2, 3)), tf.zeros((2, 3)))
+                                              [x, x], tf.zeros((2, 3)), tf.zeros((2, 3)), [])
+    statistics = tf.zeros((2, 3))
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=r"every map's gradient must be shaped like the input \(or empty"):
+        library.pde_keras_depthwise_maps_grad(x, tf.zeros((3, 3, 3, 2)), statistics,
+                                              [x, x[:1, :1]], statistics, statistics, [])
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match="the addend must be shaped like the input"):
+        library.pde_keras_depthwise_maps_grad(x, tf.zeros((3, 3, 3, 2)), statistics,
+                                              [x, x], statistics, statistics, [x[:1, :1]])
 
 
 @tensorflow_only

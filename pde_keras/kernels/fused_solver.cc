@@ -55,9 +55,11 @@
 namespace pde_keras {
 namespace {
 
+using ::tensorflow::OpInputList;
 using ::tensorflow::OpKernel;
 using ::tensorflow::OpKernelConstruction;
 using ::tensorflow::OpKernelContext;
+using ::tensorflow::OpOutputList;
 using ::tensorflow::Tensor;
 using ::tensorflow::TensorShape;
 
@@ -93,6 +95,12 @@ struct Settings {
   // H^0 is f (one tensor): the gradient writes dL/df + dL/dH^0 as output 0
   // and an empty output 1.
   bool shared_initial;
+  // depthwise[m] = k >= 0: map m (D_x, D_y, u, v) is map k of the depth-wise
+  // conv of H^0 (PdeKerasDepthwiseMaps with the op's kernel input), and the
+  // gradient takes its share through that conv: into dL/dH^0 and the
+  // kernel's gradient instead of an output of its own; -1: a given map.
+  int depthwise[4];
+  bool any_depthwise;
   // The scheme's constants, computed in double as the Python reference does
   // with Python floats, then rounded once.
   float half_over_dx, half_over_dy;        // central differences
@@ -114,6 +122,21 @@ struct Settings {
     }
     if (context->HasAttr("shared_initial")) {
       OP_REQUIRES_OK(context, context->GetAttr("shared_initial", &shared_initial));
+    }
+    std::vector<int> rows;
+    if (context->HasAttr("depthwise")) {
+      OP_REQUIRES_OK(context, context->GetAttr("depthwise", &rows));
+    }
+    OP_REQUIRES(context, rows.empty() || rows.size() == 4,
+                InvalidArgument("depthwise must be empty or name 4 maps, got ", rows.size()));
+    any_depthwise = false;
+    for (int m = 0; m < 4; ++m) {
+      depthwise[m] = rows.empty() ? -1 : rows[m];
+      any_depthwise |= depthwise[m] >= 0;
+      for (int n = 0; n < m; ++n) {
+        OP_REQUIRES(context, depthwise[m] < 0 || depthwise[n] != depthwise[m],
+                    InvalidArgument("depthwise names kernel map ", depthwise[m], " twice"));
+      }
     }
     boundary = name == "periodic" ? Boundary::kPeriodic
                : name == "neumann" ? Boundary::kNeumann : Boundary::kDirichlet;
@@ -162,9 +185,20 @@ struct Geometry {
     return tensor + unit.image * cells * channels + unit.channel;
   }
 
-  // Copies a plane (unpadded) into the unit's channels of an NHWC tensor.
-  void Scatter(const Plane& plane, const Unit& unit, float* tensor) const {
+  // Copies a plane (unpadded) into the unit's channels of an NHWC tensor,
+  // or the plane plus `addend` (a tensor like it, which may be `tensor`).
+  void Scatter(const Plane& plane, const Unit& unit, float* tensor,
+               const float* addend = nullptr) const {
     float* base = Base(tensor, unit);
+    if (addend) {
+      const float* added = Base(addend, unit);
+      for (int64_t p = 0; p < cells; ++p) {
+        for (int64_t l = 0; l < unit.block; ++l) {
+          base[p * channels + l] = added[p * channels + l] + plane[p][l];
+        }
+      }
+      return;
+    }
     if (unit.block == kLanes) {
       for (int64_t p = 0; p < cells; ++p) std::memcpy(base + p * channels, &plane[p], sizeof(Lanes));
       return;
@@ -410,6 +444,16 @@ inline void ForEachCell(const Grid& grid, Body body) {
   }
 }
 
+// Sizes `plane` for `grid` and zeroes its border, corners included (the 3x3
+// window reads them).
+void ZeroBorder(const Grid& grid, Plane& plane) {
+  plane.resize(grid.size);
+  grid.FillBorder(plane.data(), Fill::kZero);
+  for (int64_t i : {int64_t{-1}, grid.height}) {
+    for (int64_t j : {int64_t{-1}, grid.width}) plane[grid.at(i, j)] = kZero;
+  }
+}
+
 // The step's seven coefficient maps at one cell, all divided through by L:
 // H^{k+1} = a H^{k-1} + b H^k + sum_n c_n S_n(H^k) + driven, driven = s f.
 // (inv = 1 / L, for the gradient.)
@@ -589,6 +633,10 @@ struct Backward {
   // u_x + v_y and of u and v so far.
   Plane g_next, g_current, g_previous, divergence, d_u, d_v;
   std::vector<Sums> sums;
+  // With depth-wise maps (Settings::depthwise): their gradients (padded, zero
+  // border) and dL/dH^0 (unpadded cells; + dL/df when shared), kept here
+  // for the conv's backward instead of written out.
+  Plane d_maps[4], d_initial;
   // With s.rectify, the unit's sums for the normalisations' gradients: map m's
   // z = input * scale + shift has dL/dshift = sum dL/dz (normalization[2 m])
   // and dL/dscale = sum dL/dz input (normalization[2 m + 1]).
@@ -621,6 +669,9 @@ struct Backward {
     Lanes *div = divergence.data(), *du = d_u.data(), *dv = d_v.data();
     float *out_f = g.Base(outputs[0], unit), *out_h = g.Base(outputs[1], unit);
     float *out_dx = g.Base(outputs[2], unit), *out_dy = g.Base(outputs[3], unit);
+    Lanes* keep_initial = s.any_depthwise ? d_initial.data() : nullptr;
+    Lanes* keep_dx = s.depthwise[0] >= 0 ? d_maps[0].data() : nullptr;
+    Lanes* keep_dy = s.depthwise[1] >= 0 ? d_maps[1].data() : nullptr;
     for (int64_t i = 0; i < grid.height; ++i) {
       const int64_t first = grid.at(i, 0), tensor_row = i * grid.width * channels;
       Lanes row_x = kZero, row_x_in = kZero, row_y = kZero, row_y_in = kZero;
@@ -652,11 +703,12 @@ struct Backward {
         // k = 0: G^0 is complete, G^{-1} = a G^1 (H^{-1} is f) and the sums.
         const Lanes inv = cq.inv;
         const Lanes d_f = cq.a * gq + sq.g * s.two_dt * inv;  // f drives every step
-        if (s.shared_initial) {
-          Store<kFull>(d_f + into, out_f + t, block);
+        const Lanes d_initial_q = s.shared_initial ? d_f + into : into;
+        if (!s.shared_initial) Store<kFull>(d_f, out_f + t, block);
+        if (keep_initial) {
+          keep_initial[i * grid.width + j] = d_initial_q;
         } else {
-          Store<kFull>(d_f, out_f + t, block);
-          Store<kFull>(into, out_h + t, block);
+          Store<kFull>(d_initial_q, (s.shared_initial ? out_f : out_h) + t, block);
         }
         Lanes d_dx = sq.x * inv * s.two_dt_over_dx2, d_dy = sq.y * inv * s.two_dt_over_dy2;
         if (s.rectify) {
@@ -668,8 +720,16 @@ struct Backward {
           row_y += d_dy, row_y_in += d_dy * Load<kFull>(in_dy + t, block);
           d_dx *= scale_x, d_dy *= scale_y;
         }
-        Store<kFull>(d_dx, out_dx + t, block);
-        Store<kFull>(d_dy, out_dy + t, block);
+        if (keep_dx) {
+          keep_dx[q] = d_dx;
+        } else {
+          Store<kFull>(d_dx, out_dx + t, block);
+        }
+        if (keep_dy) {
+          keep_dy[q] = d_dy;
+        } else {
+          Store<kFull>(d_dy, out_dy + t, block);
+        }
         div[q] = sq.b * s.minus_two_dt * inv;  // dL/d(u_x + v_y)
         du[q] = sq.x_a * inv * s.dt_over_dx;
         dv[q] = sq.y_a * inv * s.dt_over_dy;
@@ -687,14 +747,15 @@ struct Backward {
   }
 
   // The gradient of a velocity map (`gradient`, before its ReLU) into its
-  // output: with s.rectify masked by the ReLU, its normalisation's sums added
-  // to `sums` (dL/dshift, dL/dscale) and scaled to the map's input.
+  // output, or into the padded plane `keep` if given: with s.rectify masked
+  // by the ReLU, its normalisation's sums added to `sums` (dL/dshift,
+  // dL/dscale) and scaled to the map's input.
   template <bool kFull>
   static void ScatterVelocity(const Geometry& g, const Grid& grid, const Unit& unit,
                               const Settings& s, const Lanes* gradient, const Lanes* map,
                               const float* input, const Affine& affine, float* output,
-                              Doubles sums[2]) {
-    if (!s.rectify) return grid.Scatter(g, gradient, unit, output);
+                              Lanes* keep, Doubles sums[2]) {
+    if (!s.rectify && !keep) return grid.Scatter(g, gradient, unit, output);
     const float* in = g.Base(input, unit);
     float* out = g.Base(output, unit);
     const Lanes scale = affine.scale;
@@ -703,13 +764,22 @@ struct Backward {
     for (int64_t i = 0; i < grid.height; ++i) {
       const Lanes* d = gradient + grid.at(i, 0);
       const Lanes* m = map + grid.at(i, 0);
+      Lanes* kept = keep ? keep + grid.at(i, 0) : nullptr;
       const int64_t tensor_row = i * grid.width * channels;
       Lanes row = kZero, row_in = kZero;
       for (int64_t j = 0; j < grid.width; ++j) {
         const int64_t t = tensor_row + j * channels;
-        const Lanes d_z = m[j] > 0.0f ? d[j] : kZero;
-        row += d_z, row_in += d_z * Load<kFull>(in + t, block);
-        Store<kFull>(d_z * scale, out + t, block);
+        Lanes d_input = d[j];
+        if (s.rectify) {
+          const Lanes d_z = m[j] > 0.0f ? d[j] : kZero;
+          row += d_z, row_in += d_z * Load<kFull>(in + t, block);
+          d_input = d_z * scale;
+        }
+        if (kept) {
+          kept[j] = d_input;
+        } else {
+          Store<kFull>(d_input, out + t, block);
+        }
       }
       total += Widen(row), total_in += Widen(row_in);
     }
@@ -726,6 +796,10 @@ struct Backward {
       plane->resize(grid.size);
     }
     if (s.steps > 1) sums.resize(grid.size);
+    if (s.any_depthwise) d_initial.resize(grid.height * grid.width);
+    for (int m = 0; m < 4; ++m) {
+      if (s.depthwise[m] >= 0) ZeroBorder(grid, d_maps[m]);
+    }
     grid.Gather(g, grad_solution, unit, g_next.data());
     if (share) {
       const Affine through_statistics = *share;
@@ -764,15 +838,20 @@ struct Backward {
       dv[q] += (div[q - 1] - div[q + 1]) * settings.half_over_dy;
     });
     ScatterVelocity<kFull>(g, grid, unit, s, du, forward.u.data(), inputs[4], affine[2],
-                           outputs[4], &normalization[4]);
+                           outputs[4], s.depthwise[2] >= 0 ? d_maps[2].data() : nullptr,
+                           &normalization[4]);
     ScatterVelocity<kFull>(g, grid, unit, s, dv, forward.v.data(), inputs[5], affine[3],
-                           outputs[5], &normalization[6]);
+                           outputs[5], s.depthwise[3] >= 0 ? d_maps[3].data() : nullptr,
+                           &normalization[6]);
   }
 };
 
 struct ForwardAndBackward {
   Forward forward;
   Backward backward;
+  // With depth-wise maps: H^0 with a zero border and the kernel's taps.
+  Plane padded_initial;
+  std::vector<Lanes> taps;
 };
 
 Geometry CheckInputs(OpKernelContext* context, int count) {
@@ -801,6 +880,35 @@ Geometry CheckInputs(OpKernelContext* context, int count) {
     }
   }
   return Geometry(shape);
+}
+
+// The solver ops' `kernel` list input, checked against Settings::depthwise:
+// one (3, 3, channels, count) kernel whose maps the depth-wise rows name, or
+// none without them. Returns the kernel (nullptr: none, or a failed check).
+const Tensor* CheckKernel(OpKernelContext* context, const Settings& s, const Geometry& g) {
+  OpInputList kernels;
+  if (!context->input_list("kernel", &kernels).ok() || kernels.size() != (s.any_depthwise ? 1 : 0)) {
+    context->CtxFailure(InvalidArgument("PdeKerasSolve: depthwise maps need exactly one kernel, "
+                                        "other maps none"));
+    return nullptr;
+  }
+  if (!s.any_depthwise) return nullptr;
+  const Tensor& kernel = kernels[0];
+  const bool shaped = kernel.dims() == 4 && kernel.dim_size(0) == 3 && kernel.dim_size(1) == 3 &&
+                      kernel.dim_size(2) == g.channels;
+  for (int m = 0; m < 4 && shaped; ++m) {
+    if (s.depthwise[m] >= kernel.dim_size(3)) {
+      context->CtxFailure(InvalidArgument("PdeKerasSolve: depthwise names kernel map ",
+                                          s.depthwise[m], " of ", kernel.dim_size(3)));
+      return nullptr;
+    }
+  }
+  if (!shaped) {
+    context->CtxFailure(InvalidArgument("PdeKerasSolve: kernel must be shaped (3, 3, ", g.channels,
+                                        ", maps), got ", kernel.shape().DebugString()));
+    return nullptr;
+  }
+  return &kernel;
 }
 
 // Workspaces (a unit's buffers, a megabyte or so) kept from call to call:
@@ -848,12 +956,105 @@ void ForEachUnit(OpKernelContext* context, const Geometry& g, int64_t cost_per_u
   });
 }
 
+// ---------------------------------------------------------------------------
+// The coefficient maps' depth-wise 3x3 convolution ("same", zero padding):
+// map_k[n, i, j, c] = sum_{a, b} x[n, i + a - 1, j + b - 1, c] kernel[a, b, c, k].
+// Its pieces, shared by the depth-wise ops (below) and the solver's gradient,
+// which can take the maps' gradient through the conv itself.
+// ---------------------------------------------------------------------------
+
+// The 3x3 window of a zero-bordered plane at (i, j) (`row0`: row i of the
+// padded plane, i.e. the window's top row) times the taps t[a * 3 + b].
+inline Lanes Convolve3x3(const Lanes* row0, int64_t padded_width, int64_t j, const Lanes t[9]) {
+  const Lanes* row1 = row0 + padded_width;
+  const Lanes* row2 = row1 + padded_width;
+  return row0[j] * t[0] + row0[j + 1] * t[1] + row0[j + 2] * t[2] + row1[j] * t[3] +
+         row1[j + 1] * t[4] + row1[j + 2] * t[5] + row2[j] * t[6] + row2[j + 1] * t[7] +
+         row2[j + 2] * t[8];
+}
+
+// A unit's channels of an NHWC tensor with a zero border: (height + 2) x (width + 2).
+void GatherPadded(const Geometry& g, const float* tensor, const Unit& unit, Plane& padded) {
+  const Grid grid(g.height, g.width);
+  padded.resize(grid.size);
+  grid.Gather(g, tensor, unit, padded.data());
+  ZeroBorder(grid, padded);
+}
+
+// kernel[a, b, c, k] for the unit's channels: taps[(k * 3 + a) * 3 + b].
+void GatherTaps(const float* kernel, int64_t channels, int64_t maps, const Unit& unit,
+                std::vector<Lanes>& taps) {
+  taps.assign(9 * maps, kZero);
+  for (int64_t k = 0; k < maps; ++k) {
+    for (int64_t t = 0; t < 9; ++t) {
+      for (int64_t l = 0; l < unit.block; ++l) {
+        taps[k * 9 + t][l] = kernel[(t * channels + unit.channel + l) * maps + k];
+      }
+    }
+  }
+}
+
+// One map's share of the depth-wise conv's gradient: `grad` (the input's,
+// unpadded cells) += the transposed conv of `padded_g` (the map's gradient,
+// zero border), and `sums` = the kernel's gradient, sum x[. + a - 1, . + b - 1] g.
+void DepthwiseBackward(int64_t height, int64_t width, const Lanes* padded_x,
+                       const Lanes* padded_g, const Lanes taps[9], Lanes* grad, Lanes sums[9]) {
+  const int64_t padded_width = width + 2;
+  Lanes t[9];  // a local copy: the stores below cannot alias it
+  std::copy(taps, taps + 9, t);
+  // Two loops, each with few enough live vectors to stay in registers.
+  for (int64_t i = 0; i < height; ++i) {
+    for (int64_t j = 0; j < width; ++j) {
+      // dx[i, j] = sum_{a, b} g[i - a + 1, j - b + 1] kernel[a, b] (padded: + 1).
+      const Lanes* g0 = &padded_g[i * padded_width + j];  // rows i - 1 .. i + 1
+      const Lanes* g1 = g0 + padded_width;
+      const Lanes* g2 = g1 + padded_width;
+      grad[i * width + j] += g2[2] * t[0] + g2[1] * t[1] + g2[0] * t[2] +
+                             g1[2] * t[3] + g1[1] * t[4] + g1[0] * t[5] +
+                             g0[2] * t[6] + g0[1] * t[7] + g0[0] * t[8];
+    }
+  }
+  Lanes s[9] = {};
+  for (int64_t i = 0; i < height; ++i) {
+    for (int64_t j = 0; j < width; ++j) {
+      // d kernel[a, b] += x[i + a - 1, j + b - 1] g[i, j].
+      const Lanes gij = padded_g[(i + 1) * padded_width + j + 1];
+      const Lanes* x0 = &padded_x[i * padded_width + j];
+      const Lanes* x1 = x0 + padded_width;
+      const Lanes* x2 = x1 + padded_width;
+      s[0] += x0[0] * gij, s[1] += x0[1] * gij, s[2] += x0[2] * gij;
+      s[3] += x1[0] * gij, s[4] += x1[1] * gij, s[5] += x1[2] * gij;
+      s[6] += x2[0] * gij, s[7] += x2[1] * gij, s[8] += x2[2] * gij;
+    }
+  }
+  std::copy(s, s + 9, sums);
+}
+
+// The kernel's gradient (3, 3, C, maps) from per-unit sums
+// (`partial[(unit * maps + k) * 9 + tap]`), added up in a fixed order.
+void WriteKernelGradient(const Geometry& g, const std::vector<Lanes>& partial, int64_t maps,
+                         float* dw) {
+  for (int64_t unit = 0; unit < g.units(); ++unit) {
+    const Unit u = g.unit(unit);
+    for (int64_t k = 0; k < maps; ++k) {
+      for (int64_t t = 0; t < 9; ++t) {
+        const Lanes& sum = partial[(unit * maps + k) * 9 + t];
+        for (int64_t l = 0; l < u.block; ++l) {
+          dw[(t * g.channels + u.channel + l) * maps + k] += sum[l];
+        }
+      }
+    }
+  }
+}
+
 class SolveOp : public OpKernel {
  public:
   explicit SolveOp(OpKernelConstruction* context) : OpKernel(context) { settings_.Init(context); }
 
   void Compute(OpKernelContext* context) override {
     const Geometry g = CheckInputs(context, 6);
+    if (!context->status().ok()) return;
+    CheckKernel(context, settings_, g);  // (only the gradient uses it)
     if (!context->status().ok()) return;
     Tensor* output = nullptr;
     OP_REQUIRES_OK(context, context->allocate_output(0, context->input(0).shape(), &output));
@@ -909,10 +1110,14 @@ class SolveGradOp : public OpKernel {
                                   context->input(i).shape().DebugString(), ", expected (",
                                   g.channels, ")"));
     }
+    const Tensor* kernel = CheckKernel(context, settings_, g);
+    if (!context->status().ok()) return;
     float* outputs[8];
     for (int i = 0; i < 8; ++i) {
       Tensor* output = nullptr;
-      const bool empty = i == 1 && settings_.shared_initial;
+      // Empty: dL/dH^0 when it is in dL/df, and a depth-wise map's gradient.
+      const bool empty = (i == 1 && settings_.shared_initial) ||
+                         (i >= 2 && i < 6 && settings_.depthwise[i - 2] >= 0);
       const TensorShape& shape = i >= 6 ? context->input(i).shape() : context->input(0).shape();
       OP_REQUIRES_OK(context, context->allocate_output(i, empty ? TensorShape({0}) : shape,
                                                        &output));
@@ -920,6 +1125,15 @@ class SolveGradOp : public OpKernel {
     }
     std::fill_n(outputs[6], 4 * g.channels, 0.0f);
     std::fill_n(outputs[7], 4 * g.channels, 0.0f);
+    float* grad_kernel = nullptr;
+    if (kernel) {
+      OpOutputList grad_kernels;
+      OP_REQUIRES_OK(context, context->output_list("grad_kernel", &grad_kernels));
+      Tensor* output = nullptr;
+      OP_REQUIRES_OK(context, grad_kernels.allocate(0, kernel->shape(), &output));
+      grad_kernel = output->flat<float>().data();
+      std::fill_n(grad_kernel, output->NumElements(), 0.0f);
+    }
     if (g.units() == 0 || g.cells == 0) return;
     const float* inputs[8];
     for (int i = 0; i < 8; ++i) inputs[i] = context->input(i).flat<float>().data();
@@ -930,9 +1144,13 @@ class SolveGradOp : public OpKernel {
         g, 1, context->input(8).flat<float>().data(), context->input(10).flat<float>().data(),
         context->input(11).flat<float>().data(), share_a, share_b);
     const Grid grid(g.height, g.width);
-    const int64_t cost = g.cells * (130 + 69 * settings_.steps);
-    // Per unit, the normalisations' sums (Backward::normalization).
+    const int64_t maps = kernel ? kernel->dim_size(3) : 0;
+    int64_t cost = g.cells * (130 + 69 * settings_.steps);
+    for (int m = 0; m < 4; ++m) cost += settings_.depthwise[m] >= 0 ? g.cells * 20 : 0;
+    // Per unit, the normalisations' sums (Backward::normalization) and the
+    // kernel's gradient (as in PdeKerasDepthwiseMapsGrad).
     std::vector<Doubles> partial(settings_.rectify ? g.units() * 8 : 0);
+    std::vector<Lanes> kernel_partial(g.units() * 9 * maps, kZero);
     ForEachUnit(context, g, cost, workspaces_,
                                     [&](const Unit& unit, ForwardAndBackward& work) {
       Affine affine[4], share;
@@ -950,12 +1168,26 @@ class SolveGradOp : public OpKernel {
         work.backward.Run<false>(g, grid, unit, settings_, work.forward, inputs, affine,
                                  grad_solution, through_statistics, outputs);
       }
+      const int64_t index = g.index(unit);
       if (settings_.rectify) {
-        const int64_t index = g.index(unit);
         std::copy(work.backward.normalization, work.backward.normalization + 8,
                   &partial[index * 8]);
       }
+      if (!kernel) return;
+      // The depth-wise maps' gradients through their conv, while the unit is
+      // in cache: into dL/dH^0 (which the backward pass kept) and the kernel.
+      GatherPadded(g, inputs[1], unit, work.padded_initial);
+      GatherTaps(kernel->flat<float>().data(), g.channels, maps, unit, work.taps);
+      for (int m = 0; m < 4; ++m) {
+        const int k = settings_.depthwise[m];
+        if (k < 0) continue;
+        DepthwiseBackward(g.height, g.width, work.padded_initial.data(),
+                          work.backward.d_maps[m].data(), &work.taps[k * 9],
+                          work.backward.d_initial.data(), &kernel_partial[(index * maps + k) * 9]);
+      }
+      g.Scatter(work.backward.d_initial, unit, outputs[settings_.shared_initial ? 0 : 1]);
     });
+    if (kernel) WriteKernelGradient(g, kernel_partial, maps, grad_kernel);
     if (!settings_.rectify) return;
     // normalization[2 m] -> dL/dshift[m], normalization[2 m + 1] -> dL/dscale[m].
     const std::vector<double> sums = SumOverBatch(g, partial, 8);
@@ -1170,45 +1402,10 @@ class NormalizationOp : public OpKernel {
 };
 
 // ---------------------------------------------------------------------------
-// The coefficient maps' depth-wise 3x3 convolution ("same", zero padding):
-// map_k[n, i, j, c] = sum_{a, b} x[n, i + a - 1, j + b - 1, c] kernel[a, b, c, k],
-// every map its own output (the layer's BNs take them one by one, with no
-// reshape or split of a fused tensor in between).
+// The depth-wise ops: PdeKerasDepthwiseMaps writes every map as its own
+// output (the layer's BNs take them one by one, with no reshape or split of a
+// fused tensor in between); PdeKerasDepthwiseMapsGrad is its gradient.
 // ---------------------------------------------------------------------------
-
-// The 3x3 window of a zero-bordered plane at (i, j) (`row0`: row i of the
-// padded plane, i.e. the window's top row) times the taps t[a * 3 + b].
-inline Lanes Convolve3x3(const Lanes* row0, int64_t padded_width, int64_t j, const Lanes t[9]) {
-  const Lanes* row1 = row0 + padded_width;
-  const Lanes* row2 = row1 + padded_width;
-  return row0[j] * t[0] + row0[j + 1] * t[1] + row0[j + 2] * t[2] + row1[j] * t[3] +
-         row1[j + 1] * t[4] + row1[j + 2] * t[5] + row2[j] * t[6] + row2[j + 1] * t[7] +
-         row2[j + 2] * t[8];
-}
-
-// A unit's channels of an NHWC tensor with a zero border: (height + 2) x (width + 2).
-void GatherPadded(const Geometry& g, const float* tensor, const Unit& unit, Plane& padded) {
-  const Grid grid(g.height, g.width);
-  padded.resize(grid.size);
-  grid.Gather(g, tensor, unit, padded.data());
-  grid.FillBorder(padded.data(), Fill::kZero);
-  for (int64_t i : {int64_t{-1}, g.height}) {  // the corners too: the 3x3 window reads them
-    for (int64_t j : {int64_t{-1}, g.width}) padded[grid.at(i, j)] = kZero;
-  }
-}
-
-// kernel[a, b, c, k] for the unit's channels: taps[(k * 3 + a) * 3 + b].
-void GatherTaps(const float* kernel, int64_t channels, int64_t maps, const Unit& unit,
-                std::vector<Lanes>& taps) {
-  taps.assign(9 * maps, kZero);
-  for (int64_t k = 0; k < maps; ++k) {
-    for (int64_t t = 0; t < 9; ++t) {
-      for (int64_t l = 0; l < unit.block; ++l) {
-        taps[k * 9 + t][l] = kernel[(t * channels + unit.channel + l) * maps + k];
-      }
-    }
-  }
-}
 
 // What the depth-wise ops start from: the input (0) and kernel (1) unless
 // given, checked, their geometry and data.
@@ -1321,58 +1518,158 @@ class DepthwiseOp : public OpKernel {
   WorkspacePool<Workspace> workspaces_;
 };
 
-// One map's share of the depth-wise conv's gradient: `grad` (the input's,
-// unpadded cells) += the transposed conv of `padded_g` (the map's gradient,
-// zero border), and `sums` = the kernel's gradient, sum x[. + a - 1, . + b - 1] g.
-void DepthwiseBackward(int64_t height, int64_t width, const Lanes* padded_x,
-                       const Lanes* padded_g, const Lanes taps[9], Lanes* grad, Lanes sums[9]) {
-  const int64_t padded_width = width + 2;
-  Lanes t[9];  // a local copy: the stores below cannot alias it
-  std::copy(taps, taps + 9, t);
-  // Two loops, each with few enough live vectors to stay in registers.
-  for (int64_t i = 0; i < height; ++i) {
-    for (int64_t j = 0; j < width; ++j) {
-      // dx[i, j] = sum_{a, b} g[i - a + 1, j - b + 1] kernel[a, b] (padded: + 1).
-      const Lanes* g0 = &padded_g[i * padded_width + j];  // rows i - 1 .. i + 1
-      const Lanes* g1 = g0 + padded_width;
-      const Lanes* g2 = g1 + padded_width;
-      grad[i * width + j] += g2[2] * t[0] + g2[1] * t[1] + g2[0] * t[2] +
-                             g1[2] * t[3] + g1[1] * t[4] + g1[0] * t[5] +
-                             g0[2] * t[6] + g0[1] * t[7] + g0[0] * t[8];
-    }
-  }
-  Lanes s[9] = {};
-  for (int64_t i = 0; i < height; ++i) {
-    for (int64_t j = 0; j < width; ++j) {
-      // d kernel[a, b] += x[i + a - 1, j + b - 1] g[i, j].
-      const Lanes gij = padded_g[(i + 1) * padded_width + j + 1];
-      const Lanes* x0 = &padded_x[i * padded_width + j];
-      const Lanes* x1 = x0 + padded_width;
-      const Lanes* x2 = x1 + padded_width;
-      s[0] += x0[0] * gij, s[1] += x0[1] * gij, s[2] += x0[2] * gij;
-      s[3] += x1[0] * gij, s[4] += x1[1] * gij, s[5] += x1[2] * gij;
-      s[6] += x2[0] * gij, s[7] += x2[1] * gij, s[8] += x2[2] * gij;
-    }
-  }
-  std::copy(s, s + 9, sums);
-}
+// The depth-wise conv's gradient when only the maps' batch statistics have
+// one: map k's gradient is then a_k + b_k map_k (StatisticsShare), and
+//   dL/dx = sum_k conv_k^T(a_k + b_k conv_k(x)),
+//   dL/dkernel_k[t] = sum_p x_t(p) (a_k + b_k map_k(p)) = a_k S[t] + b_k sum_s kernel_k[s] G[t, s]
+// (x_t: x shifted by tap t, zero outside; S[t] = sum_p x_t(p); G[t, s] =
+// sum_p x_t(p) x_s(p)). Both without any map: dL/dx as one 5x5 conv of x
+// (taps C = sum_k b_k kernel_k (*) kernel_k, plus the constant sum_k a_k
+// sum kernel_k), which is exact but for the terms of the ring of cells
+// just outside the image, taken off again at the edge cells; G from the
+// lag products A(d) = sum_q x(q) x(q + d) (13 of them by symmetry), less
+// the row and column of cells that tap t moves out of the image. Writes
+// dL/dx into `grad` (height * width cells) and the kernel's gradient into
+// `sums` (maps * 9).
+struct StatisticsShareBackward {
+  Plane wide, ring;  // x with a 2-cell zero border; one map's ring values
 
-// The kernel's gradient (3, 3, C, maps) from per-unit sums
-// (`partial[(unit * maps + k) * 9 + tap]`), added up in a fixed order.
-void WriteKernelGradient(const Geometry& g, const std::vector<Lanes>& partial, int64_t maps,
-                         float* dw) {
-  for (int64_t unit = 0; unit < g.units(); ++unit) {
-    const Unit u = g.unit(unit);
+  void Run(int64_t height, int64_t width, const Lanes* padded_x, int64_t maps, const Lanes* taps,
+           const Lanes* a, const Lanes* b, Lanes* grad, Lanes* sums) {
+    const int64_t wide_width = width + 4;
+    wide.assign((height + 4) * wide_width, kZero);
+    for (int64_t i = 0; i < height; ++i) {
+      std::copy_n(&padded_x[(i + 1) * (width + 2) + 1], width, &wide[(i + 2) * wide_width + 2]);
+    }
+    // x(i, j) for -2 <= i < height + 2, -2 <= j < width + 2.
+    const Lanes* origin = &wide[2 * wide_width + 2];
+    auto x = [origin, wide_width](int64_t i, int64_t j) -> const Lanes& {
+      return origin[i * wide_width + j];
+    };
+
+    // dL/dx: the 5x5 conv over the image, the ring taken off at the edges.
+    Lanes constant = kZero, c[25] = {};
     for (int64_t k = 0; k < maps; ++k) {
-      for (int64_t t = 0; t < 9; ++t) {
-        const Lanes& sum = partial[(unit * maps + k) * 9 + t];
-        for (int64_t l = 0; l < u.block; ++l) {
-          dw[(t * g.channels + u.channel + l) * maps + k] += sum[l];
+      const Lanes* w = &taps[k * 9];
+      for (int t = 0; t < 9; ++t) {
+        constant += a[k] * w[t];
+        for (int s = 0; s < 9; ++s) {
+          // d = s - t (rows, columns) in -2..2.
+          c[(s / 3 - t / 3 + 2) * 5 + (s % 3 - t % 3 + 2)] += b[k] * w[t] * w[s];
         }
       }
     }
+    for (int64_t i = 0; i < height; ++i) {
+      for (int64_t j = 0; j < width; ++j) {
+        Lanes rows[5];
+        for (int r = 0; r < 5; ++r) {
+          const Lanes* line = &x(i + r - 2, j - 2);
+          rows[r] = c[r * 5] * line[0] + c[r * 5 + 1] * line[1] + c[r * 5 + 2] * line[2] +
+                    c[r * 5 + 3] * line[3] + c[r * 5 + 4] * line[4];
+        }
+        grad[i * width + j] = constant + ((rows[0] + rows[1]) + (rows[2] + rows[3])) + rows[4];
+      }
+    }
+    // Ring cells r (one cell outside the image) hold a_k + b_k conv_k(x)(r)
+    // in the 5x5 conv; an edge cell takes their transposed-conv terms off.
+    const Grid grid(height, width);
+    ring.assign(grid.size, kZero);
+    auto on_ring = [&](auto visit) {
+      for (int64_t j = -1; j <= width; ++j) visit(-1, j), visit(height, j);
+      for (int64_t i = 0; i < height; ++i) visit(i, -1), visit(i, width);
+    };
+    auto on_edge = [&](auto visit) {
+      for (int64_t j = 0; j < width; ++j) {
+        visit(0, j);
+        if (height > 1) visit(height - 1, j);
+      }
+      for (int64_t i = 1; i + 1 < height; ++i) {
+        visit(i, 0);
+        if (width > 1) visit(i, width - 1);
+      }
+    };
+    for (int64_t k = 0; k < maps; ++k) {
+      const Lanes* w = &taps[k * 9];
+      on_ring([&](int64_t i, int64_t j) {
+        Lanes map = kZero;
+        for (int t = 0; t < 9; ++t) map += w[t] * x(i + t / 3 - 1, j + t % 3 - 1);
+        ring[grid.at(i, j)] = a[k] + b[k] * map;
+      });
+      on_edge([&](int64_t i, int64_t j) {
+        Lanes taken = kZero;  // ring[.] is zero inside the image
+        for (int t = 0; t < 9; ++t) taken += w[t] * ring[grid.at(i - t / 3 + 1, j - t % 3 + 1)];
+        grad[i * width + j] -= taken;
+      });
+    }
+
+    // The kernel's gradient. Lag products for d = (di, dj), di > 0 or
+    // (di = 0, dj >= 0); A(-d) = A(d).
+    Lanes lag[25] = {};
+    for (int64_t i = 0; i < height; ++i) {
+      Lanes row_lag[13] = {};
+      for (int64_t j = 0; j < width; ++j) {
+        const Lanes v = x(i, j);
+        for (int n = 0; n < 13; ++n) {
+          const int d = 12 + n;  // lags 12 .. 24: (0, 0) .. (2, 2)
+          row_lag[n] += v * x(i + d / 5 - 2, j + d % 5 - 2);
+        }
+      }
+      for (int n = 0; n < 13; ++n) lag[12 + n] += row_lag[n];
+    }
+    for (int n = 0; n < 12; ++n) lag[n] = lag[24 - n];
+    // Sums over the first and last row and column: plain (total) and of the
+    // lag products (edge[side][d]); side 0: row height - 1, 1: row 0,
+    // 2: column width - 1, 3: column 0 (the cells that taps a = 0, a = 2,
+    // b = 0, b = 2 move out of the image).
+    Lanes total = kZero, edge_total[4] = {}, edge[4][25] = {};
+    for (int64_t i = 0; i < height; ++i) {
+      for (int64_t j = 0; j < width; ++j) total += x(i, j);
+    }
+    const int64_t edge_row[2] = {height - 1, 0}, edge_column[2] = {width - 1, 0};
+    for (int side = 0; side < 2; ++side) {
+      for (int64_t j = 0; j < width; ++j) {
+        const Lanes v = x(edge_row[side], j);
+        edge_total[side] += v;
+        for (int d = 0; d < 25; ++d) edge[side][d] += v * x(edge_row[side] + d / 5 - 2, j + d % 5 - 2);
+      }
+      for (int64_t i = 0; i < height; ++i) {
+        const Lanes v = x(i, edge_column[side]);
+        edge_total[2 + side] += v;
+        for (int d = 0; d < 25; ++d) {
+          edge[2 + side][d] += v * x(i + d / 5 - 2, edge_column[side] + d % 5 - 2);
+        }
+      }
+    }
+    for (int t = 0; t < 9; ++t) {
+      // Tap t = (ta, tb) moves row (ta = 0: last, 2: first) and column out.
+      const int ta = t / 3, tb = t % 3;
+      const int row_side = ta == 0 ? 0 : ta == 2 ? 1 : -1;
+      const int column_side = tb == 0 ? 2 : tb == 2 ? 3 : -1;
+      Lanes shifted_sum = total;
+      if (row_side >= 0) shifted_sum -= edge_total[row_side];
+      if (column_side >= 0) shifted_sum -= edge_total[column_side];
+      const bool corner = row_side >= 0 && column_side >= 0;
+      const int64_t corner_i = corner ? edge_row[row_side] : 0;
+      const int64_t corner_j = corner ? edge_column[column_side - 2] : 0;
+      if (corner) shifted_sum += x(corner_i, corner_j);
+      Lanes gram[9];  // G[t, s]
+      for (int s = 0; s < 9; ++s) {
+        const int di = s / 3 - ta, dj = s % 3 - tb, d = (di + 2) * 5 + dj + 2;
+        Lanes value = lag[d];
+        if (row_side >= 0) value -= edge[row_side][d];
+        if (column_side >= 0) value -= edge[column_side][d];
+        if (corner) value += x(corner_i, corner_j) * x(corner_i + di, corner_j + dj);
+        gram[s] = value;
+      }
+      for (int64_t k = 0; k < maps; ++k) {
+        const Lanes* w = &taps[k * 9];
+        Lanes through_map = kZero;
+        for (int s = 0; s < 9; ++s) through_map += w[s] * gram[s];
+        sums[k * 9 + t] = a[k] * shifted_sum + b[k] * through_map;
+      }
+    }
   }
-}
+};
 
 // Inputs: x, kernel, the forward's means, then the gradients of the maps, of
 // the means and of the variances. A map's whole gradient is its own plus the
@@ -1380,10 +1677,12 @@ void WriteKernelGradient(const Geometry& g, const std::vector<Lanes>& partial, i
 // 2 (map - mean) / N (N values per channel), with the map recomputed here.
 class DepthwiseGradOp : public OpKernel {
  public:
-  explicit DepthwiseGradOp(OpKernelConstruction* context) : OpKernel(context) {}
+  explicit DepthwiseGradOp(OpKernelConstruction* context) : OpKernel(context) {
+    OP_REQUIRES_OK(context, context->GetAttr("count", &maps_));
+  }
 
   void Compute(OpKernelContext* context) override {
-    const int64_t maps = context->num_inputs() - 5;
+    const int64_t maps = maps_;
     const DepthwiseProblem problem(context, maps);
     if (!context->status().ok()) return;
     const Geometry& g = problem.g;
@@ -1394,20 +1693,39 @@ class DepthwiseGradOp : public OpKernel {
                   InvalidArgument("the statistics and their gradients must be shaped (maps, "
                                   "channels), got ", context->input(i).shape().DebugString()));
     }
+    // With an addend (a gradient of x from elsewhere), dL/dx is written onto
+    // it, in its buffer where TensorFlow allows.
+    OpInputList addends;
+    OP_REQUIRES_OK(context, context->input_list("addend", &addends));
+    OP_REQUIRES(context, addends.size() == 0 || addends[0].shape() == problem.input.shape(),
+                InvalidArgument("the addend must be shaped like the input"));
+    const float* addend = addends.size() ? addends[0].flat<float>().data() : nullptr;
     Tensor* grad_input = nullptr;
     Tensor* grad_kernel = nullptr;
-    OP_REQUIRES_OK(context, context->allocate_output(0, problem.input.shape(), &grad_input));
+    if (addend) {
+      OP_REQUIRES_OK(context, context->forward_input_or_allocate_output(
+                                  {static_cast<int>(context->num_inputs()) - 1}, 0,
+                                  problem.input.shape(), &grad_input));
+    } else {
+      OP_REQUIRES_OK(context, context->allocate_output(0, problem.input.shape(), &grad_input));
+    }
     OP_REQUIRES_OK(context, context->allocate_output(1, problem.kernel.shape(), &grad_kernel));
     float* dx = grad_input->flat<float>().data();
     float* dw = grad_kernel->flat<float>().data();
     std::fill_n(dw, grad_kernel->NumElements(), 0.0f);
     if (problem.empty()) return;
+    // A map's gradient may be empty: zero (its share went elsewhere, see
+    // Settings::depthwise), so only the statistics' share is left of it.
     std::vector<const float*> grads(maps);
     for (int64_t k = 0; k < maps; ++k) {
-      OP_REQUIRES(context, context->input(3 + k).shape() == problem.input.shape(),
-                  InvalidArgument("every map's gradient must be shaped like the input"));
-      grads[k] = context->input(3 + k).flat<float>().data();
+      const Tensor& grad = context->input(3 + k);
+      OP_REQUIRES(context, grad.shape() == problem.input.shape() || grad.NumElements() == 0,
+                  InvalidArgument("every map's gradient must be shaped like the input "
+                                  "(or empty: zero)"));
+      grads[k] = grad.NumElements() == 0 ? nullptr : grad.flat<float>().data();
     }
+    const bool only_statistics =
+        std::all_of(grads.begin(), grads.end(), [](const float* grad) { return !grad; });
     const float* mean = context->input(2).flat<float>().data();
     const float* grad_mean = context->input(3 + maps).flat<float>().data();
     const float* grad_variance = context->input(4 + maps).flat<float>().data();
@@ -1420,7 +1738,7 @@ class DepthwiseGradOp : public OpKernel {
     std::vector<Lanes> partial(g.units() * 9 * maps, kZero);
     ForEachUnit(context, g, g.cells * 22 * maps, workspaces_,
                 [&](const Unit& unit, Workspace& workspace) {
-      auto& [padded_x, padded_g, grad, taps, a, b] = workspace;
+      auto& [padded_x, padded_g, grad, taps, a, b, share] = workspace;
       GatherPadded(g, problem.x, unit, padded_x);
       GatherTaps(problem.w, g.channels, maps, unit, taps);
       grad.assign(g.cells, kZero);
@@ -1430,8 +1748,18 @@ class DepthwiseGradOp : public OpKernel {
         GatherChannels(share_a.data(), maps, g.channels, unit, a.data());
         GatherChannels(share_b.data(), maps, g.channels, unit, b.data());
       }
+      if (statistics_used && only_statistics) {
+        share.Run(g.height, g.width, padded_x.data(), maps, taps.data(), a.data(), b.data(),
+                  grad.data(), unit_partial);
+        return g.Scatter(grad, unit, dx, addend);
+      }
       for (int64_t k = 0; k < maps; ++k) {
-        GatherPadded(g, grads[k], unit, padded_g);
+        if (grads[k] == nullptr && !statistics_used) continue;  // no gradient at all
+        if (grads[k] != nullptr) {
+          GatherPadded(g, grads[k], unit, padded_g);
+        } else {
+          ZeroBorder(Grid(g.height, g.width), padded_g);
+        }
         const Lanes* t = &taps[k * 9];
         if (statistics_used) {
           const Lanes a_k = a[k], b_k = b[k];
@@ -1439,14 +1767,15 @@ class DepthwiseGradOp : public OpKernel {
             const Lanes* x0 = &padded_x[i * padded_width];
             Lanes* g_row = &padded_g[(i + 1) * padded_width + 1];
             for (int64_t j = 0; j < g.width; ++j) {
-              g_row[j] += a_k + b_k * Convolve3x3(x0, padded_width, j, t);
+              const Lanes share = a_k + b_k * Convolve3x3(x0, padded_width, j, t);
+              g_row[j] = grads[k] != nullptr ? g_row[j] + share : share;
             }
           }
         }
         DepthwiseBackward(g.height, g.width, padded_x.data(), padded_g.data(), t, grad.data(),
                           unit_partial + k * 9);
       }
-      g.Scatter(grad, unit, dx);
+      g.Scatter(grad, unit, dx, addend);
     });
     WriteKernelGradient(g, partial, maps, dw);
   }
@@ -1455,8 +1784,30 @@ class DepthwiseGradOp : public OpKernel {
   struct Workspace {
     Plane padded_x, padded_g, grad;
     std::vector<Lanes> taps, a, b;
+    StatisticsShareBackward share;
   };
+  int maps_;
   WorkspacePool<Workspace> workspaces_;
+};
+
+// PdeKerasDepthwiseStatistics(x, kernel, mean, variance) -> (x, mean,
+// variance): x and the maps' batch statistics from PdeKerasDepthwiseMaps,
+// passed through unchanged, as an op of their own for the gradient's sake:
+// its gradient is the statistics' share of dL/dx and dL/dkernel
+// (PdeKerasDepthwiseMapsGrad with empty map gradients), added in place to
+// the gradient of the x it passed on. When the solver takes that x and the
+// maps' own gradient through the conv (Settings::depthwise), the maps op
+// gets no gradient at all (instead of tensors of zeros for its maps from
+// TensorFlow's autodiff) and dL/dx needs no sum of two tensors.
+class DepthwiseStatisticsOp : public OpKernel {
+ public:
+  explicit DepthwiseStatisticsOp(OpKernelConstruction* context) : OpKernel(context) {}
+
+  void Compute(OpKernelContext* context) override {
+    OP_REQUIRES(context, context->input(3).shape() == context->input(2).shape(),
+                InvalidArgument("mean and variance must have one shape"));
+    for (int i : {0, 2, 3}) context->set_output(i == 0 ? 0 : i - 1, context->input(i));
+  }
 };
 
 // ---------------------------------------------------------------------------
@@ -1603,6 +1954,7 @@ REGISTER_OP("PdeKerasSolve")
     .Input("velocity_y: float")
     .Input("scale: float")
     .Input("shift: float")
+    .Input("kernel: kernels * float")
     .Output("solution: float")
     .Output("mean: float")
     .Output("variance: float")
@@ -1613,6 +1965,8 @@ REGISTER_OP("PdeKerasSolve")
     .Attr("boundary: {'periodic', 'neumann', 'dirichlet'}")
     .Attr("rectify: bool = false")
     .Attr("shared_initial: bool = false")
+    .Attr("kernels: int >= 0 = 0")
+    .Attr("depthwise: list(int) = []")
     .SetShapeFn([](::tensorflow::shape_inference::InferenceContext* c) {
       ::tensorflow::shape_inference::ShapeHandle input;
       TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 4, &input));
@@ -1635,6 +1989,7 @@ REGISTER_OP("PdeKerasSolveGrad")
     .Input("grad_solution: float")
     .Input("grad_mean: float")
     .Input("grad_variance: float")
+    .Input("kernel: kernels * float")
     .Output("grad_source: float")
     .Output("grad_initial: float")
     .Output("grad_diffusivity_x: float")
@@ -1643,6 +1998,7 @@ REGISTER_OP("PdeKerasSolveGrad")
     .Output("grad_velocity_y: float")
     .Output("grad_scale: float")
     .Output("grad_shift: float")
+    .Output("grad_kernel: kernels * float")
     .Attr("steps: int >= 1")
     .Attr("dt: float")
     .Attr("dx: float")
@@ -1650,13 +2006,23 @@ REGISTER_OP("PdeKerasSolveGrad")
     .Attr("boundary: {'periodic', 'neumann', 'dirichlet'}")
     .Attr("rectify: bool = false")
     .Attr("shared_initial: bool = false")
+    .Attr("kernels: int >= 0 = 0")
+    .Attr("depthwise: list(int) = []")
     .SetShapeFn([](::tensorflow::shape_inference::InferenceContext* c) {
       bool shared_initial;
+      int kernels;
+      std::vector<int> depthwise;
       TF_RETURN_IF_ERROR(c->GetAttr("shared_initial", &shared_initial));
+      TF_RETURN_IF_ERROR(c->GetAttr("kernels", &kernels));
+      TF_RETURN_IF_ERROR(c->GetAttr("depthwise", &depthwise));
       for (int i = 0; i < 6; ++i) c->set_output(i, c->input(0));
       if (shared_initial) c->set_output(1, c->MakeShape({0}));
+      for (size_t m = 0; m < depthwise.size() && m < 4; ++m) {
+        if (depthwise[m] >= 0) c->set_output(2 + m, c->MakeShape({0}));
+      }
       c->set_output(6, c->input(6));
       c->set_output(7, c->input(7));
+      for (int k = 0; k < kernels; ++k) c->set_output(8 + k, c->input(12 + k));
       return absl::OkStatus();
     });
 
@@ -1686,12 +2052,27 @@ REGISTER_OP("PdeKerasDepthwiseMapsGrad")
     .Input("grad_maps: count * float")
     .Input("grad_mean: float")
     .Input("grad_variance: float")
+    .Input("addend: addends * float")
     .Output("grad_input: float")
     .Output("grad_kernel: float")
     .Attr("count: int >= 1")
+    .Attr("addends: int >= 0 = 0")
     .SetShapeFn([](::tensorflow::shape_inference::InferenceContext* c) {
       c->set_output(0, c->input(0));
       c->set_output(1, c->input(1));
+      return absl::OkStatus();
+    });
+
+REGISTER_OP("PdeKerasDepthwiseStatistics")
+    .Input("input: float")
+    .Input("kernel: float")
+    .Input("mean: float")
+    .Input("variance: float")
+    .Output("input_out: float")
+    .Output("mean_out: float")
+    .Output("variance_out: float")
+    .SetShapeFn([](::tensorflow::shape_inference::InferenceContext* c) {
+      for (int i : {0, 2, 3}) c->set_output(i == 0 ? 0 : i - 1, c->input(i));
       return absl::OkStatus();
     });
 
@@ -1767,6 +2148,8 @@ REGISTER_KERNEL_BUILDER(Name("PdeKerasGlobalInference").Device(::tensorflow::DEV
                         GlobalInferenceOp);
 REGISTER_KERNEL_BUILDER(Name("PdeKerasDepthwiseMaps").Device(::tensorflow::DEVICE_CPU),
                         DepthwiseOp);
+REGISTER_KERNEL_BUILDER(Name("PdeKerasDepthwiseStatistics").Device(::tensorflow::DEVICE_CPU),
+                        DepthwiseStatisticsOp);
 REGISTER_KERNEL_BUILDER(Name("PdeKerasDepthwiseMapsGrad").Device(::tensorflow::DEVICE_CPU),
                         DepthwiseGradOp);
 REGISTER_KERNEL_BUILDER(Name("PdeKerasSolve").Device(::tensorflow::DEVICE_CPU), SolveOp);

@@ -133,6 +133,7 @@ def run(batch_size, size, channels, steps, rounds, warmup, jit_compile, paths=No
 
 def main(argv):
     del argv
+    timing.quiet_retracing_warnings()
     medians, ratios = run(FLAGS.batch_size, FLAGS.size, FLAGS.channels, FLAGS.steps,
                           FLAGS.rounds, FLAGS.warmup, FLAGS.jit_compile, FLAGS.paths,
                           FLAGS.pieces)

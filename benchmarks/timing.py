@@ -5,6 +5,7 @@ summarised by medians, so a noisy shared machine slows all cases alike.
 """
 
 import inspect
+import logging
 import statistics
 import time
 
@@ -12,6 +13,21 @@ import keras
 import numpy as np
 
 from pde_keras import fused_solver
+
+
+class _DropRetracingWarning(logging.Filter):
+    def filter(self, record):
+        return "triggered tf.function retracing" not in record.getMessage()
+
+
+def quiet_retracing_warnings():
+    """Drops TensorFlow's "triggered tf.function retracing" warning: every
+    case is a tf.function of its own, traced once, but TensorFlow counts
+    traces across functions and so warns of retracing that does not happen.
+    Other TensorFlow warnings still print."""
+    logger = logging.getLogger("tensorflow")
+    if not any(isinstance(f, _DropRetracingWarning) for f in logger.filters):
+        logger.addFilter(_DropRetracingWarning())
 
 
 def gradient_step(layer, inputs, jit_compile):

@@ -111,6 +111,7 @@ def run(names, batch_size, rounds, steps_per_round, warmup, jit_compile, paths=N
 
 def main(argv):
     del argv
+    timing.quiet_retracing_warnings()
     results = run(FLAGS.models, FLAGS.batch_size, FLAGS.rounds, FLAGS.steps_per_round,
                   FLAGS.warmup, FLAGS.jit_compile, FLAGS.paths)
     print(f"backend={keras.backend.backend()} jit_compile={FLAGS.jit_compile} "

@@ -1,12 +1,13 @@
 """Smoke tests: the benchmarks run and report every case (no timing asserted)."""
 
+import logging
 import math
 
 import pytest
 
 import pde_keras
 from pde_keras import fused_solver
-from benchmarks import layer, train
+from benchmarks import layer, timing, train
 
 pytestmark = pytest.mark.multibackend
 
@@ -52,3 +53,21 @@ def test_train_benchmark_skeleton_is_resnet32_global_without_its_global_layers()
         layer.name for layer in full.layers if layer not in global_layers]
     assert skeleton.count_params() == full.count_params() - sum(
         layer.count_params() for layer in global_layers)
+
+
+def test_benchmarks_drop_only_the_retracing_warning(caplog):
+    """Each case is its own tf.function traced once; TensorFlow's warning of
+    retracing across functions is dropped, its other warnings are not."""
+    logger = logging.getLogger("tensorflow")
+    before = list(logger.filters)
+    try:
+        timing.quiet_retracing_warnings()
+        timing.quiet_retracing_warnings()  # once is enough: no second filter
+        assert len(logger.filters) == len(before) + 1
+        with caplog.at_level(logging.WARNING, logger="tensorflow"):
+            logger.warning("5 out of the last 13 calls to <function step> triggered "
+                           "tf.function retracing. Tracing is expensive")
+            logger.warning("another warning")
+        assert [r.getMessage() for r in caplog.records] == ["another warning"]
+    finally:
+        logger.filters[:] = before

@@ -40,6 +40,8 @@ from pde_keras import validation
 SOURCE = pathlib.Path(__file__).parent / "kernels" / "fused_solver.cc"
 ENVIRONMENT_VARIABLE = "PDE_KERAS_SOLVER"
 PATHS = ("auto", "compiled", "reference")
+LANES_VARIABLE = "PDE_KERAS_LANES"
+LANES = ("auto", "8", "16")
 
 _LOG = logging.getLogger("pde_keras")
 _lock = threading.Lock()
@@ -52,6 +54,15 @@ def requested_path():
     """The path asked for by `PDE_KERAS_SOLVER`: `auto`, `compiled` or `reference`."""
     value = os.environ.get(ENVIRONMENT_VARIABLE, "auto").strip().lower() or "auto"
     return validation.check_choice(ENVIRONMENT_VARIABLE, value, PATHS)
+
+
+def requested_lanes():
+    """The kernels' channels per work unit asked for by `PDE_KERAS_LANES`:
+    `auto` (16 where the build has AVX-512 and a call's channels come in
+    whole 16s, else 8), `8` or `16` (16 only where built). For tests and
+    comparisons; the kernels read it at every call."""
+    value = os.environ.get(LANES_VARIABLE, "auto") or "auto"
+    return validation.check_choice(LANES_VARIABLE, value, LANES)
 
 
 @contextlib.contextmanager
@@ -281,6 +292,7 @@ def use_compiled(dtype):
     path = requested_path()
     if path == "reference":
         return False
+    requested_lanes()  # (validated here; the kernels read it)
     forced = path == "compiled"
     if keras.backend.backend() != "tensorflow":
         reason = f"the compiled kernel is TensorFlow-only, the backend is {keras.backend.backend()}"

@@ -7,6 +7,7 @@ kernel must match it, forward and every gradient, to a relative error of
 
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import textwrap
@@ -66,13 +67,29 @@ def restore_path(monkeypatch):
     monkeypatch.setenv(fused_solver.ENVIRONMENT_VARIABLE, "auto")
 
 
+@pytest.fixture(params=["8", "16"], ids=["lanes-8", "lanes-16"])
+def unit_lanes(request, monkeypatch):
+    """Runs a kernel test with 8 and with 16 channels per work unit
+    (`PDE_KERAS_LANES`; 16 only where the build has AVX-512, else 8 again),
+    every shape at both widths, partial blocks included (on their own the
+    kernels take 16 only for channels in whole 16s)."""
+    monkeypatch.setenv(fused_solver.LANES_VARIABLE, request.param)
+
+
+# Every numerical kernel test runs at both unit widths.
+both_widths = pytest.mark.usefixtures("unit_lanes")
+
+
 @tensorflow_only
+@both_widths
 @pytest.mark.usefixtures("restore_path")
 @pytest.mark.parametrize("shape, coefficients", [
     ((2, 7, 9, 3), "full"),      # non-square
     ((1, 5, 1, 2), "full"),      # 1 pixel wide, batch 1
     ((2, 1, 6, 1), "full"),      # 1 pixel high, 1 channel
     ((1, 4, 6, 11), "full"),     # a channel block and a partial one
+    ((2, 5, 4, 16), "full"),     # one 16-channel block (AVX-512: one wide unit)
+    ((1, 3, 5, 32), "full"),     # two of them
     ((2, 6, 5, 3), "channel"),   # per-channel (broadcast) coefficients
     ((2, 6, 5, 3), "scalar"),    # python scalars
 ])
@@ -91,6 +108,7 @@ def test_matches_reference_solver_forward_and_every_gradient(boundary, steps, sh
 
 
 @tensorflow_only
+@both_widths
 @pytest.mark.usefixtures("restore_path")
 @pytest.mark.parametrize("steps", [1, 5])
 @pytest.mark.parametrize("boundary", BOUNDARIES)
@@ -110,6 +128,7 @@ def test_rectified_coefficients_match_the_reference(boundary, steps):
 
 
 @tensorflow_only
+@both_widths
 @pytest.mark.usefixtures("restore_path")
 @pytest.mark.parametrize("graph", [False, True])
 @pytest.mark.parametrize("steps", [1, 3])
@@ -142,7 +161,9 @@ def test_one_tensor_as_source_and_initial_state(boundary, steps, graph):
 
 
 @tensorflow_only
-@pytest.mark.parametrize("shape, maps", [((2, 7, 9, 3), 4), ((1, 5, 1, 2), 2), ((1, 4, 6, 11), 1)])
+@both_widths
+@pytest.mark.parametrize("shape, maps", [((2, 7, 9, 3), 4), ((1, 5, 1, 2), 2), ((1, 4, 6, 11), 1),
+                                         ((2, 5, 6, 32), 4)])
 def test_depthwise_maps_match_tensorflows_depthwise_conv(shape, maps):
     """Forward and both gradients against tf.nn.depthwise_conv2d (output
     channel c * maps + k is map k of channel c)."""
@@ -170,6 +191,7 @@ def test_depthwise_maps_match_tensorflows_depthwise_conv(shape, maps):
 
 
 @tensorflow_only
+@both_widths
 @pytest.mark.usefixtures("restore_path")
 @pytest.mark.parametrize("boundary", BOUNDARIES)
 def test_matches_numpy_oracle(boundary):
@@ -183,6 +205,7 @@ def test_matches_numpy_oracle(boundary):
 
 
 @tensorflow_only
+@both_widths
 @pytest.mark.usefixtures("restore_path")
 @pytest.mark.parametrize("boundary", BOUNDARIES)
 def test_gradients_match_finite_differences_of_the_oracle(boundary):
@@ -308,6 +331,21 @@ def test_requested_path_is_validated(monkeypatch):
     assert fused_solver.requested_path() == "auto"
 
 
+@tensorflow_only
+@pytest.mark.usefixtures("restore_path")
+def test_requested_lanes_are_validated(monkeypatch):
+    monkeypatch.setenv(fused_solver.LANES_VARIABLE, "4")
+    message = ("Invalid value for argument `PDE_KERAS_LANES`: expected one of 'auto', '8', '16'. "
+               "Received: PDE_KERAS_LANES='4'")
+    with pytest.raises(ValueError, match=re.escape(message)):
+        fused_solver.use_compiled("float32")  # (where a traced layer meets it)
+    for value, expected in (("16", "16"), ("", "auto")):
+        monkeypatch.setenv(fused_solver.LANES_VARIABLE, value)
+        assert fused_solver.requested_lanes() == expected
+    monkeypatch.delenv(fused_solver.LANES_VARIABLE)
+    assert fused_solver.requested_lanes() == "auto"
+
+
 @pytest.mark.multibackend
 def test_only_float32_tensorflow_problems_use_the_kernel(monkeypatch):
     monkeypatch.setenv(fused_solver.ENVIRONMENT_VARIABLE, "auto")
@@ -381,7 +419,9 @@ def _weights_like(arrays, seed):
 
 
 @tensorflow_only
-@pytest.mark.parametrize("shape, maps", [((2, 7, 9, 3), 4), ((1, 5, 1, 2), 2), ((3, 4, 6, 11), 3)])
+@both_widths
+@pytest.mark.parametrize("shape, maps", [((2, 7, 9, 3), 4), ((1, 5, 1, 2), 2), ((3, 4, 6, 11), 3),
+                                         ((2, 4, 5, 32), 4)])
 def test_depthwise_statistics_match_numpy(shape, maps):
     rng = np.random.default_rng(11)
     x = (rng.standard_normal(shape) + 0.5).astype("float32")
@@ -396,6 +436,7 @@ def test_depthwise_statistics_match_numpy(shape, maps):
 
 
 @tensorflow_only
+@both_widths
 @pytest.mark.parametrize("shape, maps", [((2, 7, 9, 3), 4), ((1, 4, 6, 11), 2)])
 @pytest.mark.parametrize("graph", [False, True])
 @pytest.mark.parametrize("through", ["maps_and_statistics", "statistics"])
@@ -431,6 +472,7 @@ def test_depthwise_statistics_gradients_match_tensorflow(shape, maps, through, g
 
 
 @tensorflow_only
+@both_widths
 @pytest.mark.parametrize("shape", [(2, 7, 9, 3), (1, 1, 6, 9), (3, 6, 1, 5), (3, 1, 1, 2),
                                    (2, 2, 3, 8), (2, 32, 32, 16)])
 def test_statistics_gradient_alone_matches_tensorflow(shape):
@@ -461,6 +503,7 @@ def test_statistics_gradient_alone_matches_tensorflow(shape):
 
 
 @tensorflow_only
+@both_widths
 @pytest.mark.parametrize("shape", [(2, 7, 9, 3), (1, 1, 6, 9), (2, 8, 8, 16)])
 @pytest.mark.parametrize("steps, boundary", [(1, "periodic"), (2, "neumann"), (5, "dirichlet")])
 @pytest.mark.parametrize("rows, shared", [([0, 1, 2, 3], True), ([-1, -1, 1, 0], True),
@@ -513,8 +556,9 @@ def _normalization(channels, seed):
 
 
 @tensorflow_only
+@both_widths
 @pytest.mark.usefixtures("restore_path")
-@pytest.mark.parametrize("shape", [(2, 7, 9, 3), (1, 5, 1, 2), (1, 4, 6, 11)])
+@pytest.mark.parametrize("shape", [(2, 7, 9, 3), (1, 5, 1, 2), (1, 4, 6, 11), (2, 4, 5, 16)])
 @pytest.mark.parametrize("steps", [1, 2, 5])
 @pytest.mark.parametrize("boundary", BOUNDARIES)
 def test_normalised_maps_and_solution_statistics_match_the_reference(boundary, steps, shape):
@@ -550,7 +594,8 @@ def test_normalised_maps_and_solution_statistics_match_the_reference(boundary, s
 
 
 @tensorflow_only
-@pytest.mark.parametrize("shape", [(2, 7, 9, 3), (1, 4, 6, 11)])
+@both_widths
+@pytest.mark.parametrize("shape", [(2, 7, 9, 3), (1, 4, 6, 11), (2, 3, 4, 16)])
 def test_normalize_relu_matches_tensorflow(shape):
     import tensorflow as tf
 
@@ -672,7 +717,8 @@ def test_normalization_kernel_gradients_match_tensorflow():
 
 
 @tensorflow_only
-@pytest.mark.parametrize("shape", [(2, 7, 9, 3), (1, 5, 1, 2), (1, 4, 6, 11)])
+@both_widths
+@pytest.mark.parametrize("shape", [(2, 7, 9, 3), (1, 5, 1, 2), (1, 4, 6, 11), (1, 4, 3, 32)])
 @pytest.mark.parametrize("steps, boundary", [(1, "periodic"), (2, "neumann"), (5, "dirichlet")])
 @pytest.mark.parametrize("shared", [True, False])
 def test_global_inference_is_the_three_op_path(shared, steps, boundary, shape):

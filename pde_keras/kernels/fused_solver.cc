@@ -38,9 +38,12 @@
 // y the width axis. Work is split over (image, block of channels) units on
 // TensorFlow's intra-op thread pool.
 
+#ifndef PDE_KERAS_UNIT_LANES  // The file itself: the op kernels twice (below), then the ops.
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <mutex>
@@ -55,6 +58,285 @@
 #include "tensorflow/core/framework/shape_inference.h"
 
 namespace pde_keras {
+
+// The op kernels, compiled once per unit width: 8 channels per unit
+// (namespace lanes8), and where the build has AVX-512 also 16 (lanes16, one
+// 512-bit vector per cell, ~5 % faster training on AVX-512 CPUs). Each call
+// takes the 16-channel kernels when its channels come in whole blocks of 16
+// (a partial block would waste half a wide vector); the environment variable
+// PDE_KERAS_LANES = 8 or 16 forces a width (16 only where built), for tests
+// and comparisons. Both compute the same values.
+#define PDE_KERAS_UNIT_LANES 8
+namespace lanes8 {
+#include __FILE__
+}  // namespace lanes8
+#undef PDE_KERAS_UNIT_LANES
+#if defined(__AVX512F__) && defined(__AVX512VL__)
+#define PDE_KERAS_WIDE 1
+#define PDE_KERAS_UNIT_LANES 16
+namespace lanes16 {
+#include __FILE__
+}  // namespace lanes16
+#undef PDE_KERAS_UNIT_LANES
+#endif
+
+namespace {
+
+bool UseWide(const ::tensorflow::Tensor& input) {
+  const char* lanes = std::getenv("PDE_KERAS_LANES");
+  const std::string forced = lanes == nullptr ? "" : lanes;
+  if (forced == "8" || forced == "16") return forced == "16";
+  const int64_t channels = input.dims() == 4 ? input.dim_size(3) : 0;
+  return channels >= 16 && channels % 16 == 0;
+}
+
+// An op kernel that runs `Narrow` (8 channels per unit) or `Wide` (16) per
+// call, by the channels of input 0 (the NHWC tensor of every op here).
+template <class Narrow, class Wide>
+class ByWidth : public ::tensorflow::OpKernel {
+ public:
+  explicit ByWidth(::tensorflow::OpKernelConstruction* context)
+      : OpKernel(context), narrow_(context), wide_(context) {}
+
+  void Compute(::tensorflow::OpKernelContext* context) override {
+    if (UseWide(context->input(0))) {
+      wide_.Compute(context);
+    } else {
+      narrow_.Compute(context);
+    }
+  }
+
+ private:
+  Narrow narrow_;
+  Wide wide_;
+};
+
+}  // namespace
+
+#ifdef PDE_KERAS_WIDE
+#define BY_WIDTH(Op) ByWidth<lanes8::Op, lanes16::Op>
+#else
+#define BY_WIDTH(Op) lanes8::Op
+#endif
+// (Its work is per channel, not per unit.)
+#define NARROW_ONLY(Op) lanes8::Op
+
+REGISTER_OP("PdeKerasSolve")
+    .Input("source: float")
+    .Input("initial: float")
+    .Input("diffusivity_x: float")
+    .Input("diffusivity_y: float")
+    .Input("velocity_x: float")
+    .Input("velocity_y: float")
+    .Input("scale: float")
+    .Input("shift: float")
+    .Input("kernel: kernels * float")
+    .Output("solution: float")
+    .Output("mean: float")
+    .Output("variance: float")
+    .Attr("steps: int >= 1")
+    .Attr("dt: float")
+    .Attr("dx: float")
+    .Attr("dy: float")
+    .Attr("boundary: {'periodic', 'neumann', 'dirichlet'}")
+    .Attr("rectify: bool = false")
+    .Attr("shared_initial: bool = false")
+    .Attr("kernels: int >= 0 = 0")
+    .Attr("depthwise: list(int) = []")
+    .SetShapeFn([](::tensorflow::shape_inference::InferenceContext* c) {
+      ::tensorflow::shape_inference::ShapeHandle input;
+      TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 4, &input));
+      c->set_output(0, input);
+      c->set_output(1, c->Vector(c->Dim(input, 3)));
+      c->set_output(2, c->Vector(c->Dim(input, 3)));
+      return absl::OkStatus();
+    });
+
+REGISTER_OP("PdeKerasSolveGrad")
+    .Input("source: float")
+    .Input("initial: float")
+    .Input("diffusivity_x: float")
+    .Input("diffusivity_y: float")
+    .Input("velocity_x: float")
+    .Input("velocity_y: float")
+    .Input("scale: float")
+    .Input("shift: float")
+    .Input("mean: float")
+    .Input("grad_solution: float")
+    .Input("grad_mean: float")
+    .Input("grad_variance: float")
+    .Input("kernel: kernels * float")
+    .Output("grad_source: float")
+    .Output("grad_initial: float")
+    .Output("grad_diffusivity_x: float")
+    .Output("grad_diffusivity_y: float")
+    .Output("grad_velocity_x: float")
+    .Output("grad_velocity_y: float")
+    .Output("grad_scale: float")
+    .Output("grad_shift: float")
+    .Output("grad_kernel: kernels * float")
+    .Attr("steps: int >= 1")
+    .Attr("dt: float")
+    .Attr("dx: float")
+    .Attr("dy: float")
+    .Attr("boundary: {'periodic', 'neumann', 'dirichlet'}")
+    .Attr("rectify: bool = false")
+    .Attr("shared_initial: bool = false")
+    .Attr("kernels: int >= 0 = 0")
+    .Attr("depthwise: list(int) = []")
+    .SetShapeFn([](::tensorflow::shape_inference::InferenceContext* c) {
+      bool shared_initial;
+      int kernels;
+      std::vector<int> depthwise;
+      TF_RETURN_IF_ERROR(c->GetAttr("shared_initial", &shared_initial));
+      TF_RETURN_IF_ERROR(c->GetAttr("kernels", &kernels));
+      TF_RETURN_IF_ERROR(c->GetAttr("depthwise", &depthwise));
+      for (int i = 0; i < 6; ++i) c->set_output(i, c->input(0));
+      if (shared_initial) c->set_output(1, c->MakeShape({0}));
+      for (size_t m = 0; m < depthwise.size() && m < 4; ++m) {
+        if (depthwise[m] >= 0) c->set_output(2 + m, c->MakeShape({0}));
+      }
+      c->set_output(6, c->input(6));
+      c->set_output(7, c->input(7));
+      for (int k = 0; k < kernels; ++k) c->set_output(8 + k, c->input(12 + k));
+      return absl::OkStatus();
+    });
+
+REGISTER_OP("PdeKerasDepthwiseMaps")
+    .Input("input: float")
+    .Input("kernel: float")
+    .Output("maps: count * float")
+    .Output("mean: float")
+    .Output("variance: float")
+    .Attr("count: int >= 1")
+    .SetShapeFn([](::tensorflow::shape_inference::InferenceContext* c) {
+      int count;
+      TF_RETURN_IF_ERROR(c->GetAttr("count", &count));
+      ::tensorflow::shape_inference::ShapeHandle input;
+      TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 4, &input));
+      for (int i = 0; i < count; ++i) c->set_output(i, input);
+      const auto statistics = c->Matrix(count, c->Dim(input, 3));
+      c->set_output(count, statistics);
+      c->set_output(count + 1, statistics);
+      return absl::OkStatus();
+    });
+
+REGISTER_OP("PdeKerasDepthwiseMapsGrad")
+    .Input("input: float")
+    .Input("kernel: float")
+    .Input("mean: float")
+    .Input("grad_maps: count * float")
+    .Input("grad_mean: float")
+    .Input("grad_variance: float")
+    .Input("addend: addends * float")
+    .Output("grad_input: float")
+    .Output("grad_kernel: float")
+    .Attr("count: int >= 1")
+    .Attr("addends: int >= 0 = 0")
+    .SetShapeFn([](::tensorflow::shape_inference::InferenceContext* c) {
+      c->set_output(0, c->input(0));
+      c->set_output(1, c->input(1));
+      return absl::OkStatus();
+    });
+
+REGISTER_OP("PdeKerasDepthwiseStatistics")
+    .Input("input: float")
+    .Input("kernel: float")
+    .Input("mean: float")
+    .Input("variance: float")
+    .Output("input_out: float")
+    .Output("mean_out: float")
+    .Output("variance_out: float")
+    .SetShapeFn([](::tensorflow::shape_inference::InferenceContext* c) {
+      for (int i : {0, 2, 3}) c->set_output(i == 0 ? 0 : i - 1, c->input(i));
+      return absl::OkStatus();
+    });
+
+REGISTER_OP("PdeKerasNormalizeRelu")
+    .Input("x: float")
+    .Input("scale: float")
+    .Input("shift: float")
+    .Output("y: float")
+    .SetShapeFn([](::tensorflow::shape_inference::InferenceContext* c) {
+      c->set_output(0, c->input(0));
+      return absl::OkStatus();
+    });
+
+REGISTER_OP("PdeKerasNormalizeReluGrad")
+    .Input("x: float")
+    .Input("scale: float")
+    .Input("shift: float")
+    .Input("grad_y: float")
+    .Output("grad_x: float")
+    .Output("grad_scale: float")
+    .Output("grad_shift: float")
+    .SetShapeFn([](::tensorflow::shape_inference::InferenceContext* c) {
+      for (int i = 0; i < 3; ++i) c->set_output(i, c->input(i));
+      return absl::OkStatus();
+    });
+
+REGISTER_KERNEL_BUILDER(Name("PdeKerasNormalizeRelu").Device(::tensorflow::DEVICE_CPU),
+                        BY_WIDTH(NormalizeReluOp));
+REGISTER_KERNEL_BUILDER(Name("PdeKerasNormalizeReluGrad").Device(::tensorflow::DEVICE_CPU),
+                        BY_WIDTH(NormalizeReluGradOp));
+REGISTER_OP("PdeKerasNormalization")
+    .Input("gamma: count * float")
+    .Input("beta: count * float")
+    .Input("mean: count * float")
+    .Input("variance: count * float")
+    .Output("scale: float")
+    .Output("shift: float")
+    .Attr("count: int >= 1")
+    .Attr("epsilon: list(float)")
+    .Attr("rows: list(int)")
+    .SetShapeFn([](::tensorflow::shape_inference::InferenceContext* c) {
+      std::vector<int> rows;
+      TF_RETURN_IF_ERROR(c->GetAttr("rows", &rows));
+      const auto shape =
+          c->Matrix(static_cast<int64_t>(rows.size()), c->NumElements(c->input(0)));
+      c->set_output(0, shape);
+      c->set_output(1, shape);
+      return absl::OkStatus();
+    });
+
+REGISTER_KERNEL_BUILDER(Name("PdeKerasNormalization").Device(::tensorflow::DEVICE_CPU),
+                        NARROW_ONLY(NormalizationOp));
+REGISTER_OP("PdeKerasGlobalInference")
+    .Input("source: float")
+    .Input("initial: float")
+    .Input("kernel: float")
+    .Input("scale: float")
+    .Input("shift: float")
+    .Output("output: float")
+    .Attr("steps: int >= 1")
+    .Attr("dt: float")
+    .Attr("dx: float")
+    .Attr("dy: float")
+    .Attr("boundary: {'periodic', 'neumann', 'dirichlet'}")
+    .Attr("maps: list(int)")
+    .Attr("shared_initial: bool = false")
+    .SetShapeFn([](::tensorflow::shape_inference::InferenceContext* c) {
+      c->set_output(0, c->input(1));
+      return absl::OkStatus();
+    });
+
+REGISTER_KERNEL_BUILDER(Name("PdeKerasGlobalInference").Device(::tensorflow::DEVICE_CPU),
+                        BY_WIDTH(GlobalInferenceOp));
+REGISTER_KERNEL_BUILDER(Name("PdeKerasDepthwiseMaps").Device(::tensorflow::DEVICE_CPU),
+                        BY_WIDTH(DepthwiseOp));
+REGISTER_KERNEL_BUILDER(Name("PdeKerasDepthwiseStatistics").Device(::tensorflow::DEVICE_CPU),
+                        BY_WIDTH(DepthwiseStatisticsOp));
+REGISTER_KERNEL_BUILDER(Name("PdeKerasDepthwiseMapsGrad").Device(::tensorflow::DEVICE_CPU),
+                        BY_WIDTH(DepthwiseGradOp));
+REGISTER_KERNEL_BUILDER(Name("PdeKerasSolve").Device(::tensorflow::DEVICE_CPU),
+                        BY_WIDTH(SolveOp));
+REGISTER_KERNEL_BUILDER(Name("PdeKerasSolveGrad").Device(::tensorflow::DEVICE_CPU),
+                        BY_WIDTH(SolveGradOp));
+
+}  // namespace pde_keras
+
+#else  // One pass over the op kernels, PDE_KERAS_UNIT_LANES channels per unit.
+
 namespace {
 
 using ::tensorflow::OpInputList;
@@ -73,10 +355,10 @@ absl::Status InvalidArgument(const Parts&... parts) {
 }
 
 // Channels per work unit: one GCC vector of kLanes floats per cell, so every
-// channel loop is a vector operation (AVX: one instruction, SSE: two); few
-// enough that a batch-1 call still splits across threads. A last block of
-// fewer channels is zero-padded.
-constexpr int64_t kLanes = 8;
+// channel loop is a vector operation (AVX: one instruction, SSE: two); 8, or
+// 16 in the AVX-512 pass (one 512-bit vector, a cache line per cell; see
+// ByWidth). A last block of fewer channels is zero-padded.
+constexpr int64_t kLanes = PDE_KERAS_UNIT_LANES;
 typedef float Lanes __attribute__((vector_size(kLanes * sizeof(float))));
 // A plane: one Lanes per cell of an (image, channel block), row-major.
 using Plane = std::vector<Lanes>;
@@ -154,6 +436,62 @@ struct Settings {
   }
 };
 
+// The same vector at any float-aligned address (one cell's channels of an
+// NHWC tensor; GCC's vector types may alias their element type).
+typedef float UnalignedLanes
+    __attribute__((vector_size(kLanes * sizeof(float)), aligned(sizeof(float))));
+
+// One cell's channels of an NHWC tensor (`block` of them, the rest zero) and
+// back; `kFull`: block == kLanes, one vector load or store.
+// A partial block is one masked load or store where the CPU has them (a
+// memcpy of a variable size per cell cost ~2.5x the whole layer's time at
+// 1 channel); masked-out lanes are neither read nor written.
+#if defined(__AVX2__)
+inline __m256i BlockMask(int64_t block) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(block)),
+                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+#endif
+
+template <bool kFull>
+inline Lanes Load(const float* source, int64_t block) {
+  if (kFull) return *reinterpret_cast<const UnalignedLanes*>(source);
+#if defined(__AVX512F__) && defined(__AVX512VL__)
+  const auto mask = static_cast<__mmask16>((1u << block) - 1);
+  if constexpr (kLanes == 16) {
+    return reinterpret_cast<Lanes>(_mm512_maskz_loadu_ps(mask, source));
+  } else {
+    return reinterpret_cast<Lanes>(_mm256_maskz_loadu_ps(static_cast<__mmask8>(mask), source));
+  }
+#elif defined(__AVX2__)
+  return reinterpret_cast<Lanes>(_mm256_maskload_ps(source, BlockMask(block)));
+#else
+  Lanes value = kZero;
+  std::memcpy(&value, source, block * sizeof(float));
+  return value;
+#endif
+}
+
+template <bool kFull>
+inline void Store(const Lanes& value, float* target, int64_t block) {
+  if (kFull) {
+    *reinterpret_cast<UnalignedLanes*>(target) = value;
+    return;
+  }
+#if defined(__AVX512F__) && defined(__AVX512VL__)
+  const auto mask = static_cast<__mmask16>((1u << block) - 1);
+  if constexpr (kLanes == 16) {
+    _mm512_mask_storeu_ps(target, mask, reinterpret_cast<__m512>(value));
+  } else {
+    _mm256_mask_storeu_ps(target, static_cast<__mmask8>(mask), reinterpret_cast<__m256>(value));
+  }
+#elif defined(__AVX2__)
+  _mm256_maskstore_ps(target, BlockMask(block), reinterpret_cast<__m256>(value));
+#else
+  std::memcpy(target, &value, block * sizeof(float));
+#endif
+}
+
 // One (image, channel block) unit: `block` (<= kLanes) channels starting at
 // `channel` of image `image`.
 struct Unit {
@@ -191,73 +529,25 @@ struct Geometry {
   // or the plane plus `addend` (a tensor like it, which may be `tensor`).
   void Scatter(const Plane& plane, const Unit& unit, float* tensor,
                const float* addend = nullptr) const {
-    float* base = Base(tensor, unit);
-    if (addend) {
-      const float* added = Base(addend, unit);
-      for (int64_t p = 0; p < cells; ++p) {
-        for (int64_t l = 0; l < unit.block; ++l) {
-          base[p * channels + l] = added[p * channels + l] + plane[p][l];
-        }
-      }
-      return;
-    }
     if (unit.block == kLanes) {
-      for (int64_t p = 0; p < cells; ++p) std::memcpy(base + p * channels, &plane[p], sizeof(Lanes));
-      return;
+      ScatterCells<true>(plane, unit, tensor, addend);
+    } else {
+      ScatterCells<false>(plane, unit, tensor, addend);
     }
+  }
+
+  template <bool kFull>
+  void ScatterCells(const Plane& plane, const Unit& unit, float* tensor,
+                    const float* addend) const {
+    float* base = Base(tensor, unit);
+    const float* added = addend ? Base(addend, unit) : nullptr;
     for (int64_t p = 0; p < cells; ++p) {
-      std::memcpy(base + p * channels, &plane[p], unit.block * sizeof(float));
+      Lanes value = plane[p];
+      if (added) value += Load<kFull>(added + p * channels, unit.block);
+      Store<kFull>(value, base + p * channels, unit.block);
     }
   }
 };
-
-// The same vector at any float-aligned address (one cell's channels of an
-// NHWC tensor; GCC's vector types may alias their element type).
-typedef float UnalignedLanes
-    __attribute__((vector_size(kLanes * sizeof(float)), aligned(sizeof(float))));
-
-// One cell's channels of an NHWC tensor (`block` of them, the rest zero) and
-// back; `kFull`: block == kLanes, one vector load or store.
-// A partial block is one masked load or store where the CPU has them (a
-// memcpy of a variable size per cell cost ~2.5x the whole layer's time at
-// 1 channel); masked-out lanes are neither read nor written.
-#if defined(__AVX2__)
-inline __m256i BlockMask(int64_t block) {
-  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(block)),
-                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-}
-#endif
-
-template <bool kFull>
-inline Lanes Load(const float* source, int64_t block) {
-  if (kFull) return *reinterpret_cast<const UnalignedLanes*>(source);
-#if defined(__AVX512F__) && defined(__AVX512VL__)
-  const auto mask = static_cast<__mmask8>((1u << block) - 1);
-  return reinterpret_cast<Lanes>(_mm256_maskz_loadu_ps(mask, source));
-#elif defined(__AVX2__)
-  return reinterpret_cast<Lanes>(_mm256_maskload_ps(source, BlockMask(block)));
-#else
-  Lanes value = kZero;
-  std::memcpy(&value, source, block * sizeof(float));
-  return value;
-#endif
-}
-
-template <bool kFull>
-inline void Store(const Lanes& value, float* target, int64_t block) {
-  if (kFull) {
-    *reinterpret_cast<UnalignedLanes*>(target) = value;
-    return;
-  }
-#if defined(__AVX512F__) && defined(__AVX512VL__)
-  const auto mask = static_cast<__mmask8>((1u << block) - 1);
-  _mm256_mask_storeu_ps(target, mask, reinterpret_cast<__m256>(value));
-#elif defined(__AVX2__)
-  _mm256_maskstore_ps(target, BlockMask(block), reinterpret_cast<__m256>(value));
-#else
-  std::memcpy(target, &value, block * sizeof(float));
-#endif
-}
 
 // Sums each of `count` per-unit, per-channel sums (`partial[unit * count + k]`)
 // over the batch, in a fixed order (deterministic, no locks): (count, channels).
@@ -975,7 +1265,8 @@ void ForEachUnit(OpKernelContext* context, const Geometry& g, int64_t cost_per_u
   auto* pool = context->device()->tensorflow_cpu_worker_threads()->workers;
   // (This overload is deprecated in TensorFlow 2.21 in favour of
   // SchedulingParams::Adaptive, which older versions lack; it does the same.)
-  pool->ParallelFor(g.units(), cost_per_unit, [&](int64_t begin, int64_t end) {
+  // (The costs were measured on 8-channel units.)
+  pool->ParallelFor(g.units(), cost_per_unit * kLanes / 8, [&](int64_t begin, int64_t end) {
     std::unique_ptr<Workspace> workspace = workspaces.Acquire();
     for (int64_t i = begin; i < end; ++i) work(g.unit(i), *workspace);
     workspaces.Release(std::move(workspace));
@@ -1971,214 +2262,4 @@ class GlobalInferenceOp : public OpKernel {
 
 }  // namespace
 
-REGISTER_OP("PdeKerasSolve")
-    .Input("source: float")
-    .Input("initial: float")
-    .Input("diffusivity_x: float")
-    .Input("diffusivity_y: float")
-    .Input("velocity_x: float")
-    .Input("velocity_y: float")
-    .Input("scale: float")
-    .Input("shift: float")
-    .Input("kernel: kernels * float")
-    .Output("solution: float")
-    .Output("mean: float")
-    .Output("variance: float")
-    .Attr("steps: int >= 1")
-    .Attr("dt: float")
-    .Attr("dx: float")
-    .Attr("dy: float")
-    .Attr("boundary: {'periodic', 'neumann', 'dirichlet'}")
-    .Attr("rectify: bool = false")
-    .Attr("shared_initial: bool = false")
-    .Attr("kernels: int >= 0 = 0")
-    .Attr("depthwise: list(int) = []")
-    .SetShapeFn([](::tensorflow::shape_inference::InferenceContext* c) {
-      ::tensorflow::shape_inference::ShapeHandle input;
-      TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 4, &input));
-      c->set_output(0, input);
-      c->set_output(1, c->Vector(c->Dim(input, 3)));
-      c->set_output(2, c->Vector(c->Dim(input, 3)));
-      return absl::OkStatus();
-    });
-
-REGISTER_OP("PdeKerasSolveGrad")
-    .Input("source: float")
-    .Input("initial: float")
-    .Input("diffusivity_x: float")
-    .Input("diffusivity_y: float")
-    .Input("velocity_x: float")
-    .Input("velocity_y: float")
-    .Input("scale: float")
-    .Input("shift: float")
-    .Input("mean: float")
-    .Input("grad_solution: float")
-    .Input("grad_mean: float")
-    .Input("grad_variance: float")
-    .Input("kernel: kernels * float")
-    .Output("grad_source: float")
-    .Output("grad_initial: float")
-    .Output("grad_diffusivity_x: float")
-    .Output("grad_diffusivity_y: float")
-    .Output("grad_velocity_x: float")
-    .Output("grad_velocity_y: float")
-    .Output("grad_scale: float")
-    .Output("grad_shift: float")
-    .Output("grad_kernel: kernels * float")
-    .Attr("steps: int >= 1")
-    .Attr("dt: float")
-    .Attr("dx: float")
-    .Attr("dy: float")
-    .Attr("boundary: {'periodic', 'neumann', 'dirichlet'}")
-    .Attr("rectify: bool = false")
-    .Attr("shared_initial: bool = false")
-    .Attr("kernels: int >= 0 = 0")
-    .Attr("depthwise: list(int) = []")
-    .SetShapeFn([](::tensorflow::shape_inference::InferenceContext* c) {
-      bool shared_initial;
-      int kernels;
-      std::vector<int> depthwise;
-      TF_RETURN_IF_ERROR(c->GetAttr("shared_initial", &shared_initial));
-      TF_RETURN_IF_ERROR(c->GetAttr("kernels", &kernels));
-      TF_RETURN_IF_ERROR(c->GetAttr("depthwise", &depthwise));
-      for (int i = 0; i < 6; ++i) c->set_output(i, c->input(0));
-      if (shared_initial) c->set_output(1, c->MakeShape({0}));
-      for (size_t m = 0; m < depthwise.size() && m < 4; ++m) {
-        if (depthwise[m] >= 0) c->set_output(2 + m, c->MakeShape({0}));
-      }
-      c->set_output(6, c->input(6));
-      c->set_output(7, c->input(7));
-      for (int k = 0; k < kernels; ++k) c->set_output(8 + k, c->input(12 + k));
-      return absl::OkStatus();
-    });
-
-REGISTER_OP("PdeKerasDepthwiseMaps")
-    .Input("input: float")
-    .Input("kernel: float")
-    .Output("maps: count * float")
-    .Output("mean: float")
-    .Output("variance: float")
-    .Attr("count: int >= 1")
-    .SetShapeFn([](::tensorflow::shape_inference::InferenceContext* c) {
-      int count;
-      TF_RETURN_IF_ERROR(c->GetAttr("count", &count));
-      ::tensorflow::shape_inference::ShapeHandle input;
-      TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 4, &input));
-      for (int i = 0; i < count; ++i) c->set_output(i, input);
-      const auto statistics = c->Matrix(count, c->Dim(input, 3));
-      c->set_output(count, statistics);
-      c->set_output(count + 1, statistics);
-      return absl::OkStatus();
-    });
-
-REGISTER_OP("PdeKerasDepthwiseMapsGrad")
-    .Input("input: float")
-    .Input("kernel: float")
-    .Input("mean: float")
-    .Input("grad_maps: count * float")
-    .Input("grad_mean: float")
-    .Input("grad_variance: float")
-    .Input("addend: addends * float")
-    .Output("grad_input: float")
-    .Output("grad_kernel: float")
-    .Attr("count: int >= 1")
-    .Attr("addends: int >= 0 = 0")
-    .SetShapeFn([](::tensorflow::shape_inference::InferenceContext* c) {
-      c->set_output(0, c->input(0));
-      c->set_output(1, c->input(1));
-      return absl::OkStatus();
-    });
-
-REGISTER_OP("PdeKerasDepthwiseStatistics")
-    .Input("input: float")
-    .Input("kernel: float")
-    .Input("mean: float")
-    .Input("variance: float")
-    .Output("input_out: float")
-    .Output("mean_out: float")
-    .Output("variance_out: float")
-    .SetShapeFn([](::tensorflow::shape_inference::InferenceContext* c) {
-      for (int i : {0, 2, 3}) c->set_output(i == 0 ? 0 : i - 1, c->input(i));
-      return absl::OkStatus();
-    });
-
-REGISTER_OP("PdeKerasNormalizeRelu")
-    .Input("x: float")
-    .Input("scale: float")
-    .Input("shift: float")
-    .Output("y: float")
-    .SetShapeFn([](::tensorflow::shape_inference::InferenceContext* c) {
-      c->set_output(0, c->input(0));
-      return absl::OkStatus();
-    });
-
-REGISTER_OP("PdeKerasNormalizeReluGrad")
-    .Input("x: float")
-    .Input("scale: float")
-    .Input("shift: float")
-    .Input("grad_y: float")
-    .Output("grad_x: float")
-    .Output("grad_scale: float")
-    .Output("grad_shift: float")
-    .SetShapeFn([](::tensorflow::shape_inference::InferenceContext* c) {
-      for (int i = 0; i < 3; ++i) c->set_output(i, c->input(i));
-      return absl::OkStatus();
-    });
-
-REGISTER_KERNEL_BUILDER(Name("PdeKerasNormalizeRelu").Device(::tensorflow::DEVICE_CPU),
-                        NormalizeReluOp);
-REGISTER_KERNEL_BUILDER(Name("PdeKerasNormalizeReluGrad").Device(::tensorflow::DEVICE_CPU),
-                        NormalizeReluGradOp);
-REGISTER_OP("PdeKerasNormalization")
-    .Input("gamma: count * float")
-    .Input("beta: count * float")
-    .Input("mean: count * float")
-    .Input("variance: count * float")
-    .Output("scale: float")
-    .Output("shift: float")
-    .Attr("count: int >= 1")
-    .Attr("epsilon: list(float)")
-    .Attr("rows: list(int)")
-    .SetShapeFn([](::tensorflow::shape_inference::InferenceContext* c) {
-      std::vector<int> rows;
-      TF_RETURN_IF_ERROR(c->GetAttr("rows", &rows));
-      const auto shape =
-          c->Matrix(static_cast<int64_t>(rows.size()), c->NumElements(c->input(0)));
-      c->set_output(0, shape);
-      c->set_output(1, shape);
-      return absl::OkStatus();
-    });
-
-REGISTER_KERNEL_BUILDER(Name("PdeKerasNormalization").Device(::tensorflow::DEVICE_CPU),
-                        NormalizationOp);
-REGISTER_OP("PdeKerasGlobalInference")
-    .Input("source: float")
-    .Input("initial: float")
-    .Input("kernel: float")
-    .Input("scale: float")
-    .Input("shift: float")
-    .Output("output: float")
-    .Attr("steps: int >= 1")
-    .Attr("dt: float")
-    .Attr("dx: float")
-    .Attr("dy: float")
-    .Attr("boundary: {'periodic', 'neumann', 'dirichlet'}")
-    .Attr("maps: list(int)")
-    .Attr("shared_initial: bool = false")
-    .SetShapeFn([](::tensorflow::shape_inference::InferenceContext* c) {
-      c->set_output(0, c->input(1));
-      return absl::OkStatus();
-    });
-
-REGISTER_KERNEL_BUILDER(Name("PdeKerasGlobalInference").Device(::tensorflow::DEVICE_CPU),
-                        GlobalInferenceOp);
-REGISTER_KERNEL_BUILDER(Name("PdeKerasDepthwiseMaps").Device(::tensorflow::DEVICE_CPU),
-                        DepthwiseOp);
-REGISTER_KERNEL_BUILDER(Name("PdeKerasDepthwiseStatistics").Device(::tensorflow::DEVICE_CPU),
-                        DepthwiseStatisticsOp);
-REGISTER_KERNEL_BUILDER(Name("PdeKerasDepthwiseMapsGrad").Device(::tensorflow::DEVICE_CPU),
-                        DepthwiseGradOp);
-REGISTER_KERNEL_BUILDER(Name("PdeKerasSolve").Device(::tensorflow::DEVICE_CPU), SolveOp);
-REGISTER_KERNEL_BUILDER(Name("PdeKerasSolveGrad").Device(::tensorflow::DEVICE_CPU), SolveGradOp);
-
-}  // namespace pde_keras
+#endif  // PDE_KERAS_UNIT_LANES

@@ -96,9 +96,11 @@ def _log_once(message):
 
 def _instruction_set_flags():
     """`-mavx2 -mfma` where this CPU has them (the kernel's vectors double in
-    width), and AVX-512's encoding where it has that too: still 8-float
-    vectors (`-mprefer-vector-width=256`), but 32 vector registers instead of
-    16, so the kernel's many-tap loops keep their taps and sums in registers."""
+    width), and AVX-512 where it has that too: 32 vector registers instead of
+    16 (the many-tap loops keep their taps and sums in registers), mask
+    registers for partial channel blocks, and the kernels built a second time
+    for 16-channel units (512-bit vectors); compiler-chosen vectors stay at
+    256 bits (`-mprefer-vector-width=256`)."""
     try:
         cpu_flags = set(pathlib.Path("/proc/cpuinfo").read_text().split())
     except OSError:

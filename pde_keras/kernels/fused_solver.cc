@@ -57,6 +57,12 @@
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/shape_inference.h"
 
+// AVX-512 with 256-bit encodings (the build's -mavx512f -mavx512vl): mask
+// registers for partial blocks, and the 16-channel kernels.
+#if defined(__AVX512F__) && defined(__AVX512VL__)
+#define PDE_KERAS_AVX512 1
+#endif
+
 namespace pde_keras {
 
 // The op kernels, compiled once per unit width: 8 channels per unit
@@ -71,8 +77,7 @@ namespace lanes8 {
 #include __FILE__
 }  // namespace lanes8
 #undef PDE_KERAS_UNIT_LANES
-#if defined(__AVX512F__) && defined(__AVX512VL__)
-#define PDE_KERAS_WIDE 1
+#ifdef PDE_KERAS_AVX512
 #define PDE_KERAS_UNIT_LANES 16
 namespace lanes16 {
 #include __FILE__
@@ -113,7 +118,7 @@ class ByWidth : public ::tensorflow::OpKernel {
 
 }  // namespace
 
-#ifdef PDE_KERAS_WIDE
+#ifdef PDE_KERAS_AVX512
 #define BY_WIDTH(Op) ByWidth<lanes8::Op, lanes16::Op>
 #else
 #define BY_WIDTH(Op) lanes8::Op
@@ -446,7 +451,7 @@ typedef float UnalignedLanes
 // A partial block is one masked load or store where the CPU has them (a
 // memcpy of a variable size per cell cost ~2.5x the whole layer's time at
 // 1 channel); masked-out lanes are neither read nor written.
-#if defined(__AVX2__)
+#if !defined(PDE_KERAS_AVX512) && defined(__AVX2__)
 inline __m256i BlockMask(int64_t block) {
   return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(block)),
                             _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
@@ -456,7 +461,7 @@ inline __m256i BlockMask(int64_t block) {
 template <bool kFull>
 inline Lanes Load(const float* source, int64_t block) {
   if (kFull) return *reinterpret_cast<const UnalignedLanes*>(source);
-#if defined(__AVX512F__) && defined(__AVX512VL__)
+#ifdef PDE_KERAS_AVX512
   const auto mask = static_cast<__mmask16>((1u << block) - 1);
   if constexpr (kLanes == 16) {
     return reinterpret_cast<Lanes>(_mm512_maskz_loadu_ps(mask, source));
@@ -478,7 +483,7 @@ inline void Store(const Lanes& value, float* target, int64_t block) {
     *reinterpret_cast<UnalignedLanes*>(target) = value;
     return;
   }
-#if defined(__AVX512F__) && defined(__AVX512VL__)
+#ifdef PDE_KERAS_AVX512
   const auto mask = static_cast<__mmask16>((1u << block) - 1);
   if constexpr (kLanes == 16) {
     _mm512_mask_storeu_ps(target, mask, reinterpret_cast<__m512>(value));

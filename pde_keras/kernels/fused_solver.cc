@@ -1170,8 +1170,7 @@ struct Backward {
 struct ForwardAndBackward {
   Forward forward;
   Backward backward;
-  // With depth-wise maps: H^0 with a zero border and the kernel's taps.
-  Plane padded_initial;
+  // With depth-wise maps: the kernel's taps.
   std::vector<Lanes> taps;
 };
 
@@ -1498,12 +1497,15 @@ class SolveGradOp : public OpKernel {
       if (!kernel) return;
       // The depth-wise maps' gradients through their conv, while the unit is
       // in cache: into dL/dH^0 (which the backward pass kept) and the kernel.
-      GatherPadded(g, inputs[1], unit, work.padded_initial);
+      // The conv reads H^0 with a zero border: the forward pass's plane of
+      // H^0 (done with), its boundary border zeroed, not a second gather.
+      Plane& padded_initial = work.forward.states[1];
+      ZeroBorder(grid, padded_initial);
       GatherTaps(kernel->flat<float>().data(), g.channels, maps, unit, work.taps);
       for (int m = 0; m < 4; ++m) {
         const int k = settings_.depthwise[m];
         if (k < 0) continue;
-        DepthwiseBackward(g.height, g.width, work.padded_initial.data(),
+        DepthwiseBackward(g.height, g.width, padded_initial.data(),
                           work.backward.d_maps[m].data(), &work.taps[k * 9],
                           work.backward.d_initial.data(), &kernel_partial[(index * maps + k) * 9]);
       }

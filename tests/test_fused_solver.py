@@ -87,13 +87,16 @@ both_widths = pytest.mark.usefixtures("unit_lanes")
     ((2, 7, 9, 3), "full"),      # non-square
     ((1, 5, 1, 2), "full"),      # 1 pixel wide, batch 1
     ((2, 1, 6, 1), "full"),      # 1 pixel high, 1 channel
+    ((1, 2, 3, 5), "full"),      # 2 pixels high: two-step sweeps have only edge rows
     ((1, 4, 6, 11), "full"),     # a channel block and a partial one
     ((2, 5, 4, 16), "full"),     # one 16-channel block (AVX-512: one wide unit)
     ((1, 3, 5, 32), "full"),     # two of them
     ((2, 6, 5, 3), "channel"),   # per-channel (broadcast) coefficients
     ((2, 6, 5, 3), "scalar"),    # python scalars
 ])
-@pytest.mark.parametrize("steps", [1, 2, 5])
+# (The kernel runs the steps after the first two per sweep: K = 3 and 5 in
+# pairs, 2 and 4 with one step left over.)
+@pytest.mark.parametrize("steps", [1, 2, 3, 4, 5])
 @pytest.mark.parametrize("boundary", BOUNDARIES)
 def test_matches_reference_solver_forward_and_every_gradient(boundary, steps, shape,
                                                              coefficients):

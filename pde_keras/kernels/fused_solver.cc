@@ -692,16 +692,20 @@ struct Grid {
         }
         break;
     }
-    for (int64_t i = 0; i < height; ++i) {
-      T* r = plane + at(i, 0);
-      switch (fill) {
-        case Fill::kWrap: r[-1] = r[width - 1], r[width] = r[0]; break;
-        case Fill::kEdge: r[-1] = r[0], r[width] = r[width - 1]; break;
-        case Fill::kZero: r[-1] = zero, r[width] = zero; break;
-        case Fill::kNegatedEdge:
-          if constexpr (std::is_same_v<T, Lanes>) r[-1] = -r[0], r[width] = -r[width - 1];
-          break;
-      }
+    for (int64_t i = 0; i < height; ++i) FillRowEnds(plane, i, fill);
+  }
+
+  // Fills the two ghost cells of row i.
+  template <typename T>
+  void FillRowEnds(T* plane, int64_t i, Fill fill) const {
+    T* r = plane + at(i, 0);
+    switch (fill) {
+      case Fill::kWrap: r[-1] = r[width - 1], r[width] = r[0]; break;
+      case Fill::kEdge: r[-1] = r[0], r[width] = r[width - 1]; break;
+      case Fill::kZero: r[-1] = T{}, r[width] = T{}; break;
+      case Fill::kNegatedEdge:
+        if constexpr (std::is_same_v<T, Lanes>) r[-1] = -r[0], r[width] = -r[width - 1];
+        break;
     }
   }
 
@@ -890,38 +894,64 @@ struct Forward {
     if (keep_all) FillCoefficientBorder(grid, s.boundary, c.data());
     if (next) grid.FillBorder(next, fill);
     // The other steps, from the planes; H^{-1} = f is only read by the first.
-    for (int step = 1; step < s.steps; ++step) {
-      const size_t cur = keep_all ? step + 1 : (step + 1) % 3;
-      const size_t after = keep_all ? step + 2 : (step + 2) % 3;
-      const Lanes* previous = states[keep_all ? step : step % 3].data();
-      const Lanes* h_k = states[cur].data();
-      const bool last = step + 1 == s.steps;
-      if (last && !keep_all) {  // straight into the output tensor
-        float* base = g.Base(output, unit);
-        for (int64_t i = 0; i < grid.height; ++i) {
-          const int64_t first = grid.at(i, 0), tensor_row = i * grid.width * channels;
-          Lanes row_sum = kZero, row_squares = kZero;
-          for (int64_t j = 0; j < grid.width; ++j) {
-            const int64_t q = first + j;
-            const Coefficients& m = pc[q];
-            const Lanes h_last = m.a * previous[q] + m.driven + m.b * h_k[q] +
-                                 m.x_next * h_k[q + row] + m.x_previous * h_k[q - row] +
-                                 m.y_next * h_k[q + 1] + m.y_previous * h_k[q - 1];
-            Store<kFull>(h_last, base + tensor_row + j * channels, block);
-            row_sum += h_last, row_squares += h_last * h_last;
-          }
-          sum += Widen(row_sum), squares += Widen(row_squares);
+    // Two steps per sweep where there are two left: row t of one step, then
+    // row t - 1 of the next (which needs rows t - 2 .. t of the first), so
+    // each coefficient row is read twice while it is still in L1, not once
+    // per sweep from L2 (the steps' main cost). The rows that need the
+    // first step's ghost rows (0 and height - 1) follow the sweep.
+    auto plane = [&](int k) { return states[keep_all ? k + 1 : (k + 1) % 3].data(); };
+    float* base = output ? g.Base(output, unit) : nullptr;
+    // Row i of H^{k+1}, into its plane (its ends filled), or with
+    // kOutput (the last step of the forward op) into the output tensor.
+    auto step_row = [&](int k, int64_t i, auto output_row) {
+      constexpr bool kOutput = decltype(output_row)::value;
+      const int64_t first = grid.at(i, 0);
+      const Lanes* previous = plane(k - 1) + first;
+      const Lanes* h_k = plane(k) + first;
+      const Coefficients* m = pc + first;
+      Lanes* after_k = kOutput ? nullptr : plane(k + 1) + first;
+      float* out_row = kOutput ? base + i * grid.width * channels : nullptr;
+      Lanes row_sum = kZero, row_squares = kZero;
+      for (int64_t j = 0; j < grid.width; ++j) {
+        const Lanes h_next = m[j].a * previous[j] + m[j].driven + m[j].b * h_k[j] +
+                             m[j].x_next * h_k[j + row] + m[j].x_previous * h_k[j - row] +
+                             m[j].y_next * h_k[j + 1] + m[j].y_previous * h_k[j - 1];
+        if (kOutput) {
+          Store<kFull>(h_next, out_row + j * channels, block);
+          row_sum += h_next, row_squares += h_next * h_next;
+        } else {
+          after_k[j] = h_next;
         }
-        break;
       }
-      Lanes* after_k = states[after].data();
-      ForEachCell(grid, [&](int64_t q) {
-        const Coefficients& m = pc[q];
-        after_k[q] = m.a * previous[q] + m.driven + m.b * h_k[q] + m.x_next * h_k[q + row] +
-                     m.x_previous * h_k[q - row] + m.y_next * h_k[q + 1] +
-                     m.y_previous * h_k[q - 1];
-      });
-      grid.FillBorder(after_k, fill);
+      if (kOutput) {
+        sum += Widen(row_sum), squares += Widen(row_squares);
+      } else {
+        grid.FillRowEnds(plane(k + 1), i, fill);
+      }
+    };
+    auto step_rows = [&](int k, int64_t begin, int64_t end, bool to_output) {
+      for (int64_t i = begin; i < end; ++i) {
+        to_output ? step_row(k, i, std::true_type()) : step_row(k, i, std::false_type());
+      }
+    };
+    for (int k = 1; k < s.steps;) {  // H^{k+1} (and H^{k+2}) from H^{k-1}, H^k
+      const int count = k + 2 <= s.steps ? 2 : 1;
+      const bool to_output = !keep_all && k + count == s.steps;
+      if (count == 2) {
+        // H^{k+2} overwrites H^{k-1}'s plane without keep_all: row t of
+        // H^{k+1} has read row t of H^{k-1} (its only cell there) already.
+        for (int64_t t = 0; t < grid.height; ++t) {
+          step_rows(k, t, t + 1, false);
+          if (t >= 2) step_rows(k + 1, t - 1, t, to_output);
+        }
+        grid.FillBorder(plane(k + 1), fill);
+        step_rows(k + 1, 0, 1, to_output);
+        if (grid.height > 1) step_rows(k + 1, grid.height - 1, grid.height, to_output);
+      } else {
+        step_rows(k, 0, grid.height, to_output);
+      }
+      if (!to_output) grid.FillBorder(plane(k + count), fill);
+      k += count;
     }
     moments[0] = sum, moments[1] = squares;
     return keep_all ? &states[s.steps + 1] : nullptr;
@@ -949,11 +979,19 @@ struct Sums {
 // that is exact at the edges too: periodic wraps; dirichlet reads zeros;
 // under neumann an edge cell is its own ghost, so its outward term comes
 // back to itself through the ghost cell.
+//
+// First G^{K-1} .. G^1, each kept in a plane of its own (Transpose); then
+// one pass (Finish), a row at a time, adds up the sums over the steps for
+// that row (in a row buffer, in cache), computes G^0 and writes the
+// gradients. Accumulating the six sums in per-cell planes during the
+// recurrence instead read and wrote six vectors per cell and step: most of
+// the adjoint's memory traffic at K > 1.
 struct Backward {
-  // G^{k+1}, G^k and G^{k-1} (rotating), the sums, and the gradient of
-  // u_x + v_y and of u and v so far.
-  Plane g_next, g_current, g_previous, divergence, d_u, d_v;
-  std::vector<Sums> sums;
+  // adjoint[k] = G^k = dL/dH^k for k = 1 .. K (adjoint[0] unused); the sums
+  // of one row; the gradient of u_x + v_y and of u and v.
+  std::vector<Plane> adjoint;
+  std::vector<Sums> row_sums;
+  Plane divergence, d_u, d_v;
   // With depth-wise maps (Settings::depthwise): their gradients (padded, zero
   // border) and dL/dH^0 (unpadded cells; + dL/df when shared), kept here
   // for the conv's backward instead of written out.
@@ -963,30 +1001,87 @@ struct Backward {
   // and dL/dscale = sum dL/dz input (normalization[2 m + 1]).
   Doubles normalization[8];
 
-  // Step k backwards: G^{k+1} (g_next, complete) flows into the sums, into
-  // G^k (g_current, which holds a G^{k+2} so far unless kFirst) and G^{k-1}
-  // (g_previous, overwritten). The last step (kLast, k = 0) instead writes
-  // dL/dH^0, dL/df, dL/dD_x and dL/dD_y (through the normalisation, whose
-  // inputs it reads again) and the planes for u and v.
-  template <bool kFirst, bool kLast, bool kFull>
-  void Step(const Geometry& g, const Grid& grid, const Settings& settings, const Unit& unit,
-            const Forward& forward, int k, const float* const inputs[6], const Affine affine[4],
-            float* const outputs[6]) {
+  // G^k = b G^{k+1} + sum_n S_n^T(c_n G^{k+1}) + a G^{k+2} at cell q
+  // (kSecond: there is a G^{k+2}, i.e. k + 2 <= K).
+  template <bool kSecond>
+  static inline Lanes Transposed(const Coefficients* c, int64_t row, const Lanes* g_next,
+                                 const Lanes* g_second, int64_t q) {
+    Lanes into = c[q].b * g_next[q] + c[q - row].x_next * g_next[q - row] +
+                 c[q + row].x_previous * g_next[q + row] + c[q - 1].y_next * g_next[q - 1] +
+                 c[q + 1].y_previous * g_next[q + 1];
+    if (kSecond) into += c[q].a * g_second[q];
+    return into;
+  }
+
+  // G^k for k = K-1 .. 1, borders filled.
+  void Transpose(const Grid& grid, const Settings& s, const Forward& forward) {
+    const Coefficients* c = forward.c.data();
+    const int64_t row = grid.row;
+    const Fill fill = FillOf(s.boundary);
+    for (int k = s.steps - 1; k >= 1; --k) {
+      const Lanes* g_next = adjoint[k + 1].data();
+      Lanes* g_k = adjoint[k].data();
+      if (k + 2 <= s.steps) {
+        const Lanes* g_second = adjoint[k + 2].data();
+        ForEachCell(grid, [&](int64_t q) {
+          g_k[q] = Transposed<true>(c, row, g_next, g_second, q);
+        });
+      } else {
+        ForEachCell(grid, [&](int64_t q) {
+          g_k[q] = Transposed<false>(c, row, g_next, nullptr, q);
+        });
+      }
+      grid.FillBorder(g_k, fill);
+    }
+  }
+
+  // The sums over the steps of row i's cells into row_sums, from step
+  // K-1 down to 0 (the order the gradient has always added them in).
+  void RowSums(const Grid& grid, const Settings& s, const Forward& forward, int64_t i) {
+    const int64_t row = grid.row, first = grid.at(i, 0), width = grid.width;
+    Sums* rs = row_sums.data();
+    for (int k = s.steps - 1; k >= 0; --k) {
+      // H^{k-1}, H^k, H^{k+1} and G^{k+1} from row i on.
+      const Lanes* h_previous = (k == 0 ? forward.f : forward.states[k]).data() + first;
+      const Lanes* h = forward.states[k + 1].data() + first;
+      const Lanes* h_next = forward.states[k + 2].data() + first;
+      const Lanes* gn = adjoint[k + 1].data() + first;
+      auto add = [&](auto later) {
+        for (int64_t j = 0; j < width; ++j) {
+          const Lanes gq = gn[j];
+          const Lanes x_next = h[j + row], x_previous = h[j - row];
+          const Lanes y_next = h[j + 1], y_previous = h[j - 1];
+          const Lanes outer = h_previous[j] + h_next[j];
+          Sums sq = {gq * (x_next + x_previous - outer), gq * (y_next + y_previous - outer),
+                     gq * (x_previous - x_next), gq * (y_previous - y_next), gq * h[j], gq};
+          if (later) {
+            const Sums& before = rs[j];
+            sq.x += before.x, sq.y += before.y, sq.x_a += before.x_a, sq.y_a += before.y_a;
+            sq.b += before.b, sq.g += before.g;
+          }
+          rs[j] = sq;
+        }
+      };
+      k == s.steps - 1 ? add(std::false_type()) : add(std::true_type());
+    }
+  }
+
+  // Row by row: the sums, G^0 (from G^1 and G^2), G^{-1} = a G^1 (H^{-1}
+  // is f), and from them dL/dH^0, dL/df, dL/dD_x and dL/dD_y (through the
+  // normalisation, whose inputs it reads again) and the planes for u and v.
+  template <bool kFull>
+  void Finish(const Geometry& g, const Grid& grid, const Settings& settings, const Unit& unit,
+              const Forward& forward, const float* const inputs[6], const Affine affine[4],
+              float* const outputs[6]) {
     const Settings s = settings;  // local copies: the stores below cannot alias them
     const Lanes scale_x = affine[0].scale, scale_y = affine[1].scale;
     const int64_t row = grid.row, block = unit.block, channels = g.channels;
     const float *in_dx = g.Base(inputs[2], unit), *in_dy = g.Base(inputs[3], unit);
     Doubles sums_x = {}, sums_x_in = {}, sums_y = {}, sums_y_in = {};
     const Coefficients* c = forward.c.data();
-    // H^{k-1}, H^k, H^{k+1}.
-    const Lanes* h_previous = k == 0 ? forward.f.data() : forward.states[k].data();
-    const Lanes* h = forward.states[k + 1].data();
-    const Lanes* h_next = forward.states[k + 2].data();
     const Lanes *pdx = forward.d_x.data(), *pdy = forward.d_y.data();
-    const Lanes* gn = g_next.data();
-    Lanes* gc = g_current.data();
-    Lanes* gp = g_previous.data();
-    Sums* sm = sums.data();
+    const Lanes* g1 = adjoint[1].data();
+    const Lanes* g2 = s.steps >= 2 ? adjoint[2].data() : nullptr;
     Lanes *div = divergence.data(), *du = d_u.data(), *dv = d_v.data();
     float *out_f = g.Base(outputs[0], unit), *out_h = g.Base(outputs[1], unit);
     float *out_dx = g.Base(outputs[2], unit), *out_dy = g.Base(outputs[3], unit);
@@ -994,34 +1089,16 @@ struct Backward {
     Lanes* keep_dx = s.depthwise[0] >= 0 ? d_maps[0].data() : nullptr;
     Lanes* keep_dy = s.depthwise[1] >= 0 ? d_maps[1].data() : nullptr;
     for (int64_t i = 0; i < grid.height; ++i) {
+      RowSums(grid, s, forward, i);
       const int64_t first = grid.at(i, 0), tensor_row = i * grid.width * channels;
       Lanes row_x = kZero, row_x_in = kZero, row_y = kZero, row_y_in = kZero;
       for (int64_t j = 0; j < grid.width; ++j) {
         const int64_t q = first + j, t = tensor_row + j * channels;
-        const Lanes gq = gn[q];
-        const Lanes x_next = h[q + row], x_previous = h[q - row];
-        const Lanes y_next = h[q + 1], y_previous = h[q - 1];
-        const Lanes outer = h_previous[q] + h_next[q];
-        Sums sq = {gq * (x_next + x_previous - outer), gq * (y_next + y_previous - outer),
-                   gq * (x_previous - x_next), gq * (y_previous - y_next), gq * h[q], gq};
-        if (!kFirst) {
-          const Sums& before = sm[q];
-          sq.x += before.x, sq.y += before.y, sq.x_a += before.x_a, sq.y_a += before.y_a;
-          sq.b += before.b, sq.g += before.g;
-        }
+        const Sums& sq = row_sums[j];
         const Coefficients& cq = c[q];
-        // G^k gathers each neighbour's term.
-        Lanes into = cq.b * gq + c[q - row].x_next * gn[q - row] +
-                     c[q + row].x_previous * gn[q + row] + c[q - 1].y_next * gn[q - 1] +
-                     c[q + 1].y_previous * gn[q + 1];
-        if (!kFirst) into += gc[q];
-        if (!kLast) {
-          sm[q] = sq;
-          gc[q] = into;
-          gp[q] = cq.a * gq;
-          continue;
-        }
-        // k = 0: G^0 is complete, G^{-1} = a G^1 (H^{-1} is f) and the sums.
+        const Lanes gq = g1[q];
+        const Lanes into = g2 ? Transposed<true>(c, row, g1, g2, q)
+                              : Transposed<false>(c, row, g1, nullptr, q);  // G^0
         const Lanes inv = cq.inv;
         const Lanes d_f = cq.a * gq + sq.g * s.two_dt * inv;  // f drives every step
         const Lanes d_initial_q = s.shared_initial ? d_f + into : into;
@@ -1055,16 +1132,13 @@ struct Backward {
         du[q] = sq.x_a * inv * s.dt_over_dx;
         dv[q] = sq.y_a * inv * s.dt_over_dy;
       }
-      if (kLast && s.rectify) {
+      if (s.rectify) {
         sums_x += Widen(row_x), sums_x_in += Widen(row_x_in);
         sums_y += Widen(row_y), sums_y_in += Widen(row_y_in);
       }
     }
-    if (kLast) {
-      normalization[0] = sums_x, normalization[1] = sums_x_in;
-      normalization[2] = sums_y, normalization[3] = sums_y_in;
-    }
-    if (!kLast) grid.FillBorder(gc, FillOf(s.boundary));
+    normalization[0] = sums_x, normalization[1] = sums_x_in;
+    normalization[2] = sums_y, normalization[3] = sums_y_in;
   }
 
   // The gradient of a velocity map (`gradient`, before its ReLU) into its
@@ -1113,39 +1187,26 @@ struct Backward {
   void Run(const Geometry& g, const Grid& grid, const Unit& unit, const Settings& s,
            const Forward& forward, const float* const inputs[6], const Affine affine[4],
            const float* grad_solution, const Affine* share, float* const outputs[6]) {
-    for (Plane* plane : {&g_next, &g_current, &g_previous, &divergence, &d_u, &d_v}) {
-      plane->resize(grid.size);
-    }
-    if (s.steps > 1) sums.resize(grid.size);
+    if (adjoint.size() < static_cast<size_t>(s.steps) + 1) adjoint.resize(s.steps + 1);
+    for (int k = 1; k <= s.steps; ++k) adjoint[k].resize(grid.size);
+    for (Plane* plane : {&divergence, &d_u, &d_v}) plane->resize(grid.size);
+    row_sums.resize(grid.width);
     if (s.any_depthwise) d_initial.resize(grid.height * grid.width);
     for (int m = 0; m < 4; ++m) {
       if (s.depthwise[m] >= 0) ZeroBorder(grid, d_maps[m]);
     }
-    grid.Gather(g, grad_solution, unit, g_next.data());
+    Lanes* g_last = adjoint[s.steps].data();  // G^K
+    grid.Gather(g, grad_solution, unit, g_last);
     if (share) {
       const Affine through_statistics = *share;
       const Lanes* solution = forward.states[s.steps + 1].data();
-      Lanes* gradient = g_next.data();
       ForEachCell(grid, [&](int64_t q) {
-        gradient[q] += solution[q] * through_statistics.scale + through_statistics.shift;
+        g_last[q] += solution[q] * through_statistics.scale + through_statistics.shift;
       });
     }
-    grid.FillBorder(g_next.data(), FillOf(s.boundary));
-    for (int k = s.steps - 1; k >= 0; --k) {
-      // The last step starts the sums and G^k instead of adding to them.
-      if (s.steps == 1) {
-        Step<true, true, kFull>(g, grid, s, unit, forward, k, inputs, affine, outputs);
-      } else if (k == s.steps - 1) {
-        Step<true, false, kFull>(g, grid, s, unit, forward, k, inputs, affine, outputs);
-      } else if (k > 0) {
-        Step<false, false, kFull>(g, grid, s, unit, forward, k, inputs, affine, outputs);
-      } else {
-        Step<false, true, kFull>(g, grid, s, unit, forward, k, inputs, affine, outputs);
-      }
-      // Rotate: G^k is complete; G^{k-1} holds a G^{k+1} so far.
-      std::swap(g_next, g_current);
-      std::swap(g_current, g_previous);
-    }
+    grid.FillBorder(g_last, FillOf(s.boundary));
+    Transpose(grid, s, forward);
+    Finish<kFull>(g, grid, s, unit, forward, inputs, affine, outputs);
     // u_x = (u[x+1] - u[x-1]) / (2 dx): the transposed central differences.
     // Under neumann the edge cell is its own ghost: the negated edge value
     // as the border gives its term.

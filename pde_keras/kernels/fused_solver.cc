@@ -805,7 +805,10 @@ void FillCoefficientBorder(const Grid& grid, Boundary boundary, Coefficients* c)
 
 // One unit's forward pass: the inputs' planes, the coefficient maps and the states.
 struct Forward {
-  Plane f, d_x, d_y, u, v;  // f, D_x and D_y only when the states are kept
+  // f only when the states are kept and f is not H^0 (then `source` is
+  // states[1]): H^{-1} = f, which the gradient's sums read.
+  Plane f, u, v;
+  const Lanes* source = nullptr;
   std::vector<Coefficients> c;
   // states[k + 1] = H^k for k = 0 .. K (all of them when kept, else three
   // rotating); H^{-1} is f.
@@ -829,7 +832,8 @@ struct Forward {
     for (size_t i = 0; i < count; ++i) states[i].resize(grid.size);
     for (Plane* plane : {&u, &v}) plane->resize(grid.size);
     if (keep_all) {
-      for (Plane* plane : {&f, &d_x, &d_y}) plane->resize(grid.size);
+      if (!shared) f.resize(grid.size);
+      source = shared ? states[1].data() : f.data();
     }
     // The coefficient maps, unless one step uses them once.
     const bool store_maps = keep_all || s.steps > 1;
@@ -848,7 +852,7 @@ struct Forward {
     const float *in_f = g.Base(inputs[0], unit), *in_dx = g.Base(inputs[2], unit),
                 *in_dy = g.Base(inputs[3], unit);
     const Lanes *pu = u.data(), *pv = v.data(), *h = states[1].data();
-    Lanes *pf = f.data(), *pdx = d_x.data(), *pdy = d_y.data();
+    Lanes* pf = keep_all && !shared ? f.data() : nullptr;
     Coefficients* pc = c.data();
     Lanes* next = s.steps == 1 && !keep_all ? nullptr : states[2].data();
     float* out = s.steps == 1 && output ? g.Base(output, unit) : nullptr;
@@ -865,7 +869,7 @@ struct Forward {
           d_x_q = NormalizeRectify(d_x_q, n_x);
           d_y_q = NormalizeRectify(d_y_q, n_y);
         }
-        if (keep_all) pf[q] = f_q, pdx[q] = d_x_q, pdy[q] = d_y_q;
+        if (pf) pf[q] = f_q;
         const Lanes u_x = (pu[q + row] - pu[q - row]) * k.half_over_dx;
         const Lanes v_y = (pv[q + 1] - pv[q - 1]) * k.half_over_dy;
         const Lanes a_x = pu[q] * k.dt_over_dx, a_y = pv[q] * k.dt_over_dy;
@@ -981,16 +985,15 @@ struct Sums {
 // back to itself through the ghost cell.
 //
 // First G^{K-1} .. G^1, each kept in a plane of its own (Transpose); then
-// one pass (Finish), a row at a time, adds up the sums over the steps for
-// that row (in a row buffer, in cache), computes G^0 and writes the
-// gradients. Accumulating the six sums in per-cell planes during the
+// one pass (Finish) adds up the sums over the steps per cell (in registers),
+// computes G^0 and writes the gradients. Accumulating the six sums in per-cell planes during the
 // recurrence instead read and wrote six vectors per cell and step: most of
 // the adjoint's memory traffic at K > 1.
 struct Backward {
-  // adjoint[k] = G^k = dL/dH^k for k = 1 .. K (adjoint[0] unused); the sums
-  // of one row; the gradient of u_x + v_y and of u and v.
+  // adjoint[k] = G^k = dL/dH^k for k = 1 .. K (adjoint[0] unused); the
+  // gradient of u_x + v_y and of u and v.
   std::vector<Plane> adjoint;
-  std::vector<Sums> row_sums;
+  std::vector<const Lanes*> state_planes, adjoint_planes;  // for SumsAt
   Plane divergence, d_u, d_v;
   // With depth-wise maps (Settings::depthwise): their gradients (padded, zero
   // border) and dL/dH^0 (unpadded cells; + dL/df when shared), kept here
@@ -1035,38 +1038,29 @@ struct Backward {
     }
   }
 
-  // The sums over the steps of row i's cells into row_sums, from step
-  // K-1 down to 0 (the order the gradient has always added them in).
-  void RowSums(const Grid& grid, const Settings& s, const Forward& forward, int64_t i) {
-    const int64_t row = grid.row, first = grid.at(i, 0), width = grid.width;
-    Sums* rs = row_sums.data();
-    for (int k = s.steps - 1; k >= 0; --k) {
-      // H^{k-1}, H^k, H^{k+1} and G^{k+1} from row i on.
-      const Lanes* h_previous = (k == 0 ? forward.f : forward.states[k]).data() + first;
-      const Lanes* h = forward.states[k + 1].data() + first;
-      const Lanes* h_next = forward.states[k + 2].data() + first;
-      const Lanes* gn = adjoint[k + 1].data() + first;
-      auto add = [&](auto later) {
-        for (int64_t j = 0; j < width; ++j) {
-          const Lanes gq = gn[j];
-          const Lanes x_next = h[j + row], x_previous = h[j - row];
-          const Lanes y_next = h[j + 1], y_previous = h[j - 1];
-          const Lanes outer = h_previous[j] + h_next[j];
-          Sums sq = {gq * (x_next + x_previous - outer), gq * (y_next + y_previous - outer),
-                     gq * (x_previous - x_next), gq * (y_previous - y_next), gq * h[j], gq};
-          if (later) {
-            const Sums& before = rs[j];
-            sq.x += before.x, sq.y += before.y, sq.x_a += before.x_a, sq.y_a += before.y_a;
-            sq.b += before.b, sq.g += before.g;
-          }
-          rs[j] = sq;
-        }
-      };
-      k == s.steps - 1 ? add(std::false_type()) : add(std::true_type());
+  // The sums at cell q, from step K-1 down to 0 (the order the gradient
+  // has always added them in), in registers: `h[k + 1]` is H^k's plane
+  // (k = -1 .. K), `g[k]` G^k's.
+  static Sums SumsAt(int steps, const Lanes* const* h, const Lanes* const* g, int64_t q,
+                     int64_t row) {
+    Sums sq = {};
+    for (int k = steps - 1; k >= 0; --k) {
+      const Lanes* h_k = h[k + 1] + q;
+      const Lanes gq = g[k + 1][q];
+      const Lanes x_next = h_k[row], x_previous = h_k[-row];
+      const Lanes y_next = h_k[1], y_previous = h_k[-1];
+      const Lanes outer = h[k][q] + h[k + 2][q];
+      sq.x = gq * (x_next + x_previous - outer) + sq.x;
+      sq.y = gq * (y_next + y_previous - outer) + sq.y;
+      sq.x_a = gq * (x_previous - x_next) + sq.x_a;
+      sq.y_a = gq * (y_previous - y_next) + sq.y_a;
+      sq.b = gq * h_k[0] + sq.b;
+      sq.g = gq + sq.g;
     }
+    return sq;
   }
 
-  // Row by row: the sums, G^0 (from G^1 and G^2), G^{-1} = a G^1 (H^{-1}
+  // Cell by cell: the sums, G^0 (from G^1 and G^2), G^{-1} = a G^1 (H^{-1}
   // is f), and from them dL/dH^0, dL/df, dL/dD_x and dL/dD_y (through the
   // normalisation, whose inputs it reads again) and the planes for u and v.
   template <bool kFull>
@@ -1079,7 +1073,11 @@ struct Backward {
     const float *in_dx = g.Base(inputs[2], unit), *in_dy = g.Base(inputs[3], unit);
     Doubles sums_x = {}, sums_x_in = {}, sums_y = {}, sums_y_in = {};
     const Coefficients* c = forward.c.data();
-    const Lanes *pdx = forward.d_x.data(), *pdy = forward.d_y.data();
+    state_planes.assign(1, forward.source);
+    for (int k = 0; k <= s.steps; ++k) state_planes.push_back(forward.states[k + 1].data());
+    adjoint_planes.assign(1, nullptr);
+    for (int k = 1; k <= s.steps; ++k) adjoint_planes.push_back(adjoint[k].data());
+    const Lanes *const *h_planes = state_planes.data(), *const *g_planes = adjoint_planes.data();
     const Lanes* g1 = adjoint[1].data();
     const Lanes* g2 = s.steps >= 2 ? adjoint[2].data() : nullptr;
     Lanes *div = divergence.data(), *du = d_u.data(), *dv = d_v.data();
@@ -1089,12 +1087,11 @@ struct Backward {
     Lanes* keep_dx = s.depthwise[0] >= 0 ? d_maps[0].data() : nullptr;
     Lanes* keep_dy = s.depthwise[1] >= 0 ? d_maps[1].data() : nullptr;
     for (int64_t i = 0; i < grid.height; ++i) {
-      RowSums(grid, s, forward, i);
       const int64_t first = grid.at(i, 0), tensor_row = i * grid.width * channels;
       Lanes row_x = kZero, row_x_in = kZero, row_y = kZero, row_y_in = kZero;
       for (int64_t j = 0; j < grid.width; ++j) {
         const int64_t q = first + j, t = tensor_row + j * channels;
-        const Sums& sq = row_sums[j];
+        const Sums sq = SumsAt(s.steps, h_planes, g_planes, q, row);
         const Coefficients& cq = c[q];
         const Lanes gq = g1[q];
         const Lanes into = g2 ? Transposed<true>(c, row, g1, g2, q)
@@ -1112,10 +1109,13 @@ struct Backward {
         if (s.rectify) {
           // Through the ReLUs (zero where the map was clamped) to z, then to
           // the input of z = input * scale + shift.
-          d_dx = pdx[q] > 0.0f ? d_dx : kZero;
-          d_dy = pdy[q] > 0.0f ? d_dy : kZero;
-          row_x += d_dx, row_x_in += d_dx * Load<kFull>(in_dx + t, block);
-          row_y += d_dy, row_y_in += d_dy * Load<kFull>(in_dy + t, block);
+          // (The masks as the forward pass computed the maps: cheaper than
+          // keeping the maps in planes.)
+          const Lanes in_x = Load<kFull>(in_dx + t, block), in_y = Load<kFull>(in_dy + t, block);
+          d_dx = NormalizeRectify(in_x, affine[0]) > 0.0f ? d_dx : kZero;
+          d_dy = NormalizeRectify(in_y, affine[1]) > 0.0f ? d_dy : kZero;
+          row_x += d_dx, row_x_in += d_dx * in_x;
+          row_y += d_dy, row_y_in += d_dy * in_y;
           d_dx *= scale_x, d_dy *= scale_y;
         }
         if (keep_dx) {
@@ -1190,7 +1190,6 @@ struct Backward {
     if (adjoint.size() < static_cast<size_t>(s.steps) + 1) adjoint.resize(s.steps + 1);
     for (int k = 1; k <= s.steps; ++k) adjoint[k].resize(grid.size);
     for (Plane* plane : {&divergence, &d_u, &d_v}) plane->resize(grid.size);
-    row_sums.resize(grid.width);
     if (s.any_depthwise) d_initial.resize(grid.height * grid.width);
     for (int m = 0; m < 4; ++m) {
       if (s.depthwise[m] >= 0) ZeroBorder(grid, d_maps[m]);

@@ -1917,11 +1917,20 @@ class DepthwiseOp : public OpKernel {
 // `sums` (maps * 9).
 struct StatisticsShareBackward {
   Plane wide, ring;  // x with a 2-cell zero border; one map's ring values
+  // The geometry whose zeros wide and ring hold: only their interior (wide)
+  // and ring cells (ring) are written per unit, so they are zeroed only
+  // when it changes.
+  int64_t zeroed_height = -1, zeroed_width = -1;
 
   void Run(int64_t height, int64_t width, const Lanes* padded_x, int64_t maps, const Lanes* taps,
            const Lanes* a, const Lanes* b, Lanes* grad, Lanes* sums) {
     const int64_t wide_width = width + 4;
-    wide.assign((height + 4) * wide_width, kZero);
+    const Grid grid(height, width);
+    if (height != zeroed_height || width != zeroed_width) {
+      wide.assign((height + 4) * wide_width, kZero);
+      ring.assign(grid.size, kZero);
+      zeroed_height = height, zeroed_width = width;
+    }
     for (int64_t i = 0; i < height; ++i) {
       std::copy_n(&padded_x[(i + 1) * (width + 2) + 1], width, &wide[(i + 2) * wide_width + 2]);
     }
@@ -1956,8 +1965,6 @@ struct StatisticsShareBackward {
     }
     // Ring cells r (one cell outside the image) hold a_k + b_k conv_k(x)(r)
     // in the 5x5 conv; an edge cell takes their transposed-conv terms off.
-    const Grid grid(height, width);
-    ring.assign(grid.size, kZero);
     auto on_ring = [&](auto visit) {
       for (int64_t j = -1; j <= width; ++j) visit(-1, j), visit(height, j);
       for (int64_t i = 0; i < height; ++i) visit(i, -1), visit(i, width);
@@ -2125,7 +2132,7 @@ class DepthwiseGradOp : public OpKernel {
       auto& [padded_x, padded_g, grad, taps, a, b, share] = workspace;
       GatherPadded(g, problem.x, unit, padded_x);
       GatherTaps(problem.w, g.channels, maps, unit, taps);
-      grad.assign(g.cells, kZero);
+      grad.resize(g.cells);
       Lanes* unit_partial = &partial[(g.index(unit)) * 9 * maps];
       if (statistics_used) {
         a.resize(maps), b.resize(maps);
@@ -2137,6 +2144,7 @@ class DepthwiseGradOp : public OpKernel {
                   grad.data(), unit_partial);
         return g.Scatter(grad, unit, dx, addend);
       }
+      std::fill(grad.begin(), grad.end(), kZero);  // (share.Run above writes every cell)
       for (int64_t k = 0; k < maps; ++k) {
         if (grads[k] == nullptr && !statistics_used) continue;  // no gradient at all
         if (grads[k] != nullptr) {

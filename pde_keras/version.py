@@ -1,3 +1,3 @@
 """The package version, read by setup.py and written into results."""
 
-__version__ = "0.6.0"
+__version__ = "0.7.0"

@@ -21,10 +21,11 @@
 // Global layer's coefficient batch norms, applied as the maps are read).
 // PdeKerasSolveGrad(same inputs, dL/dH^K) -> dL/d(f, H^0, D_x, D_y, u, v, scale,
 // shift): recomputes the K states, runs the adjoint recurrence backwards
-//   G^k += b G^{k+1} + sum_n S_n^T(c_n G^{k+1}),   G^{k-1} += a G^{k+1}
-// (in gather form: the transposed shifts read the same offsets), keeps six
-// per-cell sums over the steps (see Sums) and chains them to D_x, D_y, u, v
-// (u_x, v_y through the transposed central differences). With the attr
+//   G^k = b G^{k+1} + sum_n S_n^T(c_n G^{k+1}) + a G^{k+2}
+// (in gather form: the transposed shifts read the same offsets), keeping
+// every G^k, then adds up six per-cell sums over the steps (see Sums) and
+// chains them to D_x, D_y, u, v (u_x, v_y through the transposed central
+// differences). With the attr
 // shared_initial (f and H^0 one tensor) output 0 is dL/df + dL/dH^0 and
 // output 1 is empty.
 //

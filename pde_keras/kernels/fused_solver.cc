@@ -675,6 +675,13 @@ struct Grid {
   // Fills the border of `plane` (corners are never read).
   template <typename T>
   void FillBorder(T* plane, Fill fill) const {
+    FillGhostRows(plane, fill);
+    for (int64_t i = 0; i < height; ++i) FillRowEnds(plane, i, fill);
+  }
+
+  // Fills the rows above and below the interior (not their corners).
+  template <typename T>
+  void FillGhostRows(T* plane, Fill fill) const {
     const T zero = {};
     T* top = plane + at(-1, 0);
     T* bottom = plane + at(height, 0);
@@ -693,7 +700,6 @@ struct Grid {
         }
         break;
     }
-    for (int64_t i = 0; i < height; ++i) FillRowEnds(plane, i, fill);
   }
 
   // Fills the two ghost cells of row i.
@@ -785,6 +791,12 @@ void ZeroBorder(const Grid& grid, Plane& plane) {
 // (inv = 1 / L, for the gradient.)
 struct Coefficients {
   Lanes a, b, x_next, x_previous, y_next, y_previous, driven, inv;
+
+  // H^{k+1} at the cell whose H^k is h[0] (neighbours h[+-1], h[+-row]).
+  Lanes Step(const Lanes& previous, const Lanes* h, int64_t row) const {
+    return a * previous + driven + b * h[0] + x_next * h[row] + x_previous * h[-row] +
+           y_next * h[1] + y_previous * h[-1];
+  }
 };
 
 // The border of the coefficient maps that the adjoint gathers from (see
@@ -883,9 +895,7 @@ struct Forward {
                                 (two_b_y - a_y) * inv, (two_b_y + a_y) * inv,
                                 k.two_dt * inv * f_q, inv};
         if (store_maps) pc[q] = m;
-        const Lanes h_1 = m.a * f_q + m.driven + m.b * h[q] + m.x_next * h[q + row] +
-                          m.x_previous * h[q - row] + m.y_next * h[q + 1] +
-                          m.y_previous * h[q - 1];
+        const Lanes h_1 = m.Step(f_q, h + q, row);
         if (out) {
           Store<kFull>(h_1, out + t, block);
           row_sum += h_1, row_squares += h_1 * h_1;
@@ -918,9 +928,7 @@ struct Forward {
       float* out_row = kOutput ? base + i * grid.width * channels : nullptr;
       Lanes row_sum = kZero, row_squares = kZero;
       for (int64_t j = 0; j < grid.width; ++j) {
-        const Lanes h_next = m[j].a * previous[j] + m[j].driven + m[j].b * h_k[j] +
-                             m[j].x_next * h_k[j + row] + m[j].x_previous * h_k[j - row] +
-                             m[j].y_next * h_k[j + 1] + m[j].y_previous * h_k[j - 1];
+        const Lanes h_next = m[j].Step(previous[j], h_k + j, row);
         if (kOutput) {
           Store<kFull>(h_next, out_row + j * channels, block);
           row_sum += h_next, row_squares += h_next * h_next;
@@ -949,13 +957,13 @@ struct Forward {
           step_rows(k, t, t + 1, false);
           if (t >= 2) step_rows(k + 1, t - 1, t, to_output);
         }
-        grid.FillBorder(plane(k + 1), fill);
+        grid.FillGhostRows(plane(k + 1), fill);  // (step_row filled the row ends)
         step_rows(k + 1, 0, 1, to_output);
         if (grid.height > 1) step_rows(k + 1, grid.height - 1, grid.height, to_output);
       } else {
         step_rows(k, 0, grid.height, to_output);
       }
-      if (!to_output) grid.FillBorder(plane(k + count), fill);
+      if (!to_output) grid.FillGhostRows(plane(k + count), fill);
       k += count;
     }
     moments[0] = sum, moments[1] = squares;
@@ -987,9 +995,9 @@ struct Sums {
 //
 // First G^{K-1} .. G^1, each kept in a plane of its own (Transpose); then
 // one pass (Finish) adds up the sums over the steps per cell (in registers),
-// computes G^0 and writes the gradients. Accumulating the six sums in per-cell planes during the
-// recurrence instead read and wrote six vectors per cell and step: most of
-// the adjoint's memory traffic at K > 1.
+// computes G^0 and writes the gradients. Accumulating the six sums in
+// per-cell planes during the recurrence instead read and wrote six vectors
+// per cell and step: most of the adjoint's memory traffic at K > 1.
 struct Backward {
   // adjoint[k] = G^k = dL/dH^k for k = 1 .. K (adjoint[0] unused); the
   // gradient of u_x + v_y and of u and v.
